@@ -1,0 +1,1 @@
+"""Finite Difference Flow Optimization: RL post-training of Stable Diffusion 3.5 Medium through a LoRA."""

@@ -1,0 +1,88 @@
+"""Batch arithmetic of an epoch: how the pairs and training items split over ranks and steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fdfo.config import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Per-rank sizes of one epoch, derived from the user's settings and the world size."""
+
+    world_size: int
+    pairs_per_rank: int  # pairs each rank samples per epoch
+    sample_batch_size: int  # pairs per sampling batch
+    num_sample_batches: int  # sampling batches per epoch
+    samples_per_step: int  # trajectories (2 per pair) per rank behind one optimiser step
+    train_batch_size: int  # (sample, timestep) items per training micro-batch
+    gradient_accumulation_steps: int  # an optimiser step every T × this many micro-batches
+    gradient_steps_per_epoch: int  # optimiser steps per epoch
+
+    @property
+    def total_pairs(self) -> int:
+        return self.pairs_per_rank * self.world_size
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def plan_batches(
+    total_pairs_per_epoch: int,
+    world_size: int,
+    gradient_steps_per_epoch: int = 4,
+    max_batch_size: int | None = None,
+    sample_batch_size: int | None = None,
+    train_batch_size: int | None = None,
+) -> BatchPlan:
+    """Split an epoch's pairs over ranks, sampling batches and optimiser steps; explicit sizes win."""
+    if world_size < 1:
+        raise ConfigError(f"The world size must be at least 1, got {world_size}.")
+    if gradient_steps_per_epoch < 1:
+        raise ConfigError(f"--gradient-steps-per-epoch must be at least 1, got {gradient_steps_per_epoch}.")
+    if max_batch_size is None:
+        max_batch_size = 6 if world_size < 8 else 13
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be at least 1, got {max_batch_size}.")
+
+    # Each step takes 2·pairs/steps trajectories per rank, so pairs per rank is a multiple of steps/gcd(2, steps).
+    granule = gradient_steps_per_epoch // math.gcd(2, gradient_steps_per_epoch)
+    pairs_per_rank = total_pairs_per_epoch // world_size
+    pairs_per_rank -= pairs_per_rank % granule
+    if pairs_per_rank == 0:
+        raise ConfigError(
+            f"--total-pairs-per-epoch {total_pairs_per_epoch} gives no pairs per rank on {world_size} rank(s) with "
+            f"{gradient_steps_per_epoch} gradient steps per epoch: raise --total-pairs-per-epoch to at least "
+            f"{world_size * granule} (or lower --gradient-steps-per-epoch)."
+        )
+
+    if sample_batch_size is None:
+        sample_batch_size = largest_divisor_at_most(pairs_per_rank, max_batch_size)
+    elif sample_batch_size < 1 or pairs_per_rank % sample_batch_size:
+        raise ConfigError(
+            f"--sample.batch-size {sample_batch_size} must divide the {pairs_per_rank} pairs per rank; "
+            f"pick a divisor of {pairs_per_rank} or leave it unset."
+        )
+
+    samples_per_step = 2 * pairs_per_rank // gradient_steps_per_epoch
+    if train_batch_size is None:
+        train_batch_size = largest_divisor_at_most(samples_per_step, max_batch_size)
+    elif train_batch_size < 1 or samples_per_step % train_batch_size:
+        raise ConfigError(
+            f"--train.batch-size {train_batch_size} must divide the {samples_per_step} samples per rank and "
+            f"optimiser step; pick a divisor of {samples_per_step} or leave it unset."
+        )
+
+    return BatchPlan(
+        world_size=world_size,
+        pairs_per_rank=pairs_per_rank,
+        sample_batch_size=sample_batch_size,
+        num_sample_batches=pairs_per_rank // sample_batch_size,
+        samples_per_step=samples_per_step,
+        train_batch_size=train_batch_size,
+        gradient_accumulation_steps=samples_per_step // train_batch_size,
+        gradient_steps_per_epoch=gradient_steps_per_epoch,
+    )

@@ -1,0 +1,73 @@
+"""The LoRA on the transformer's joint-attention projections: attach, save, and load strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+# Joint-attention projections of every block (the dual-attention `attn2` layers are left alone).
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class LoraLoadError(RuntimeError):
+    """A LoRA folder that does not fit the model; nothing was loaded."""
+
+
+def lora_config(rank: int = 32, alpha: int = 64) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+
+
+def attach_lora(transformer: torch.nn.Module, rank: int = 32, alpha: int = 64, seed: int = 0) -> PeftModel:
+    """Wrap `transformer` in a PEFT LoRA (A gaussian, B zero) whose weights are float32 on any base dtype.
+
+    The LoRA layers are injected into `transformer` itself, so callers holding the bare transformer
+    (e.g. the diffusers pipeline) run it with the adapter active.
+    """
+    device = next(transformer.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = get_peft_model(transformer, lora_config(rank, alpha))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_lora(model: PeftModel, folder: Path) -> None:
+    """PEFT's own folder format (adapter_config.json + adapter_model.safetensors), as the published checkpoints."""
+    model.save_pretrained(str(folder))
+
+
+def load_lora(model: PeftModel, folder: Path) -> None:
+    """Load a PEFT LoRA folder into `model`, refusing any missing, unexpected or reshaped weight."""
+    folder = Path(folder)
+    missing_files = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing_files:
+        raise LoraLoadError(f"{folder} is not a LoRA checkpoint folder: {', '.join(missing_files)} missing.")
+    state = load_file(folder / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        problems = [f"{len(missing)} weights missing ({some(missing)})" if missing else "",
+                    f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+                    f"{len(reshaped)} of another shape ({some(reshaped)})" if reshaped else ""]
+        raise LoraLoadError(
+            f"The LoRA in {folder} does not fit this model: {'; '.join(p for p in problems if p)}. "
+            "Check that it was trained on the same base model (--pretrained-model) with the same --lora-rank."
+        )
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise LoraLoadError(f"The LoRA in {folder} has weights PEFT could not place: {result.unexpected_keys[:3]}.")

@@ -1,0 +1,44 @@
+"""Loading the SD3 parts for `--pretrained-model`: the real weights, `tiny`, or `sd35m-random`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from fdfo import tiny
+
+RANDOM_MODELS = {"tiny": "tiny", "sd35m-random": "sd35m"}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says what to do."""
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen base weights and of the model's compute (LoRA weights stay float32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def load_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
+    """All SD3 parts (transformer, VAE, three text encoders and tokenizers, scheduler) on `device`, frozen."""
+    if name in RANDOM_MODELS:
+        return tiny.random_pipeline(RANDOM_MODELS[name], device=device, dtype=dtype)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        where = f"the local folder {name}" if Path(name).exists() else f"the Hugging Face Hub repo `{name}`"
+        raise ModelLoadError(
+            f"Could not load the base model from {where}.\n"
+            f"  - If the weights are not downloaded yet, this machine needs access to huggingface.co, and "
+            f"the repo is gated: run `hf auth login` with a token of an account that accepted the licence on "
+            f"https://huggingface.co/{name} (if HF_HUB_OFFLINE=1 is set, unset it for the first download).\n"
+            f"  - To try the code without any download, use `--pretrained-model tiny`.\n"
+            f"Original error: {e}"
+        ) from e
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        module.requires_grad_(False).eval()
+    return pipe.to(device)

@@ -1,0 +1,91 @@
+"""The three things asked of SD3: encode prompts, predict a velocity (CFG decided here), decode latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of a batch; `uncond_*` (empty prompt) only when guidance is used."""
+
+    embeds: torch.Tensor  # (B, 77 + T5 tokens, joint_attention_dim)
+    pooled: torch.Tensor  # (B, pooled_projection_dim)
+    uncond_embeds: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+    def repeat_interleave(self, n: int) -> PromptEmbeds:
+        """Each row n times in a row, e.g. the two branches of a pair."""
+        rep = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
+        return PromptEmbeds(rep(self.embeds), rep(self.pooled), rep(self.uncond_embeds), rep(self.uncond_pooled))
+
+    def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return PromptEmbeds(pick(self.embeds), pick(self.pooled), pick(self.uncond_embeds), pick(self.uncond_pooled))
+
+    def to(self, device: torch.device) -> PromptEmbeds:
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return PromptEmbeds(move(self.embeds), move(self.pooled), move(self.uncond_embeds), move(self.uncond_pooled))
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance_scale: float,
+                   max_sequence_length: int) -> PromptEmbeds:
+    """CLIP-L + CLIP-G + T5 embeddings as diffusers builds them; empty-prompt ones too when CFG is on."""
+    use_cfg = guidance_scale != 1.0
+    embeds, uncond_embeds, pooled, uncond_pooled = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.text_encoder.device,
+        do_classifier_free_guidance=use_cfg, negative_prompt="" if use_cfg else None,
+        max_sequence_length=max_sequence_length,
+    )
+    return PromptEmbeds(embeds, pooled, uncond_embeds, uncond_pooled)
+
+
+def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                     guidance_scale: float) -> torch.Tensor:
+    """v(x, σ) in float32, with classifier-free guidance when guidance_scale ≠ 1.
+
+    The compute dtype is that of the prompt embeddings (the base model's), under autocast, so that
+    sampling and training run the very same numerics and the ratio ρ starts at exactly 1.
+    """
+    dtype = cond.embeds.dtype
+    timestep = (1000 * sigma).to(torch.float32).expand(x.shape[0])
+    embeds, pooled, hidden = cond.embeds, cond.pooled, x.to(dtype)
+    use_cfg = guidance_scale != 1.0
+    if use_cfg:
+        embeds = torch.cat([cond.uncond_embeds, embeds])
+        pooled = torch.cat([cond.uncond_pooled, pooled])
+        hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        v = transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0].float()
+    if use_cfg:
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_cond - v_uncond)
+    return v
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents → images in [0, 1], float32, (B, 3, H, W)."""
+    vae = pipe.vae
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def latent_shape(pipe: StableDiffusion3Pipeline, resolution: int | None) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents for a square image of `resolution` pixels."""
+    resolution = resolution or default_resolution(pipe)
+    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if resolution % factor:
+        raise ValueError(f"The resolution must be a multiple of {factor} pixels, got {resolution}.")
+    side = resolution // pipe.vae_scale_factor
+    return (pipe.transformer.config.in_channels, side, side)
+
+
+def default_resolution(pipe: StableDiffusion3Pipeline) -> int:
+    return pipe.default_sample_size * pipe.vae_scale_factor

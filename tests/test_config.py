@@ -1,0 +1,85 @@
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fdfo.cli import parse
+from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig, load_config_file
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_defaults_are_the_papers():
+    cfg = TrainConfig()
+    assert (cfg.num_epochs, cfg.total_pairs_per_epoch, cfg.gradient_steps_per_epoch) == (1000, 432, 4)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.seed, cfg.save_freq) == (32, 64, 6, 5)
+    assert (cfg.reward_preset, cfg.pretrained_model) == ("combined", "stabilityai/stable-diffusion-3.5-medium")
+    assert (cfg.sample.num_solver_steps, cfg.sample.guidance_scale, cfg.sample.churn_weight) == (40, 1.0, 0.0025)
+    assert cfg.sample.max_sequence_length == 128
+    t = cfg.train
+    assert (t.learning_rate, t.adam_beta1, t.adam_beta2, t.weight_decay, t.adam_eps) == (3e-5, 0.9, 0.999, 1e-4, 1e-8)
+    assert (t.clip_range, t.kl_weight, t.max_grad_norm) == (0.03, 0.0, 1.0)
+    assert cfg.default_run_name == "combined-cfg_1p0"
+
+
+@pytest.mark.parametrize("line", [
+    "--num-epochs 5 --total-pairs-per-epoch 16",
+    "",
+    "--reward-preset pickscore",
+    "--log-wandb --resume-from runs/00001-x --save-freq 2 --seed 3 --run-name r --lora-rank 8 --lora-alpha 16 "
+    "--max-batch-size 4 --gradient-steps-per-epoch 2 --sample.num-solver-steps 10 --sample.guidance-scale 4.5 "
+    "--sample.batch-size 2 --train.learning-rate 1e-4 --train.clip-range 0.05 --train.kl-weight 0.1 "
+    "--vlm-model-name qwenvl-3b --pretrained-model tiny --no-memory-efficient --runs-dir /tmp/r",
+])
+def test_published_train_flags_parse(line):
+    cfg = parse(TrainConfig, shlex.split(line))
+    if "--seed 3" in line:
+        assert (cfg.seed, cfg.sample.guidance_scale, cfg.train.learning_rate, cfg.memory_efficient) == (3, 4.5, 1e-4, False)
+        assert (cfg.vlm_model_name, cfg.resume_from, cfg.runs_dir) == ("qwenvl-3b", Path("runs/00001-x"), Path("/tmp/r"))
+        assert cfg.default_run_name == "combined-cfg_4p5"
+
+
+def test_published_generate_and_metrics_flags_parse():
+    gen = parse(GenerateConfig, shlex.split("--checkpoint hf:nvidia/x/y --out out.jpg"))
+    assert (gen.checkpoint, gen.out) == ("hf:nvidia/x/y", Path("out.jpg"))
+    m = parse(MetricsConfig, shlex.split(
+        "--checkpoint c --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 "
+        "--metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity"))
+    assert m.metrics == ("hpsv2", "clip_h14", "clip_l14", "dreamsim_diversity") and m.num_repeats == 4
+
+
+def test_unknown_choice_lists_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        parse(TrainConfig, ["--reward-preset", "aesthetics"])
+    err = capsys.readouterr().err
+    assert "pickscore" in err and "vlm_alignment" in err
+
+
+@pytest.mark.parametrize("name", ["pickscore", "vlm_alignment", "combined_no_cfg", "combined_cfg"])
+def test_config_files_load_and_flags_win(name):
+    path = CONFIGS / f"{name}.toml"
+    from_file = load_config_file(TrainConfig, path)
+    assert from_file.reward_preset == name.removesuffix("_no_cfg").removesuffix("_cfg")
+    assert from_file.sample.guidance_scale == (4.5 if name == "combined_cfg" else 1.0)
+    cli = parse(TrainConfig, ["--config", str(path), "--seed", "11"])
+    assert cli == dataclasses.replace(from_file, seed=11)
+    if name == "combined_cfg":
+        assert parse(TrainConfig, ["--config", str(path), "--sample.guidance-scale", "2"]).sample.guidance_scale == 2
+
+
+def test_config_file_with_unknown_key_fails_clearly(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('reward_preset = "pickscore"\n[sample]\nnum_steps = 3\n')
+    with pytest.raises(ConfigError, match=r"unknown setting `num_steps`; valid settings are: .*num_solver_steps"):
+        load_config_file(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(TrainConfig, tmp_path / "missing.toml")
+
+
+def test_resolved_config_is_json():
+    from fdfo.config import to_jsonable
+    cfg = parse(TrainConfig, ["--config", str(CONFIGS / "combined_cfg.toml")])
+    data = json.loads(json.dumps(to_jsonable(cfg)))
+    assert data["sample"]["guidance_scale"] == 4.5 and data["config"].endswith("combined_cfg.toml")
