@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tyro
+
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pretrained-model tiny
 
 RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "compressibility"]
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
@@ -55,6 +59,7 @@ class TrainConfig:
     pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder; `tiny` (offline CPU demo) or `sd35m-random` (real shapes, random weights)
     reward_preset: RewardPreset = "combined"  # reward terms and weights
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM reward
+    vlm_use_fsdp: tyro.conf.FlagConversionOff[bool] = True  # shard the VLM's parameters over the ranks (False: a full copy per rank)
     num_epochs: int = 1000  # epochs to train (results are good around 100)
     total_pairs_per_epoch: int = 432  # pairs sampled per epoch over all ranks (2 reward evaluations each)
     gradient_steps_per_epoch: int = 4  # optimiser steps per epoch
@@ -149,16 +154,28 @@ def with_overrides(instance: Any, overrides: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(instance, **changes)
 
 
-def load_config_file(cls: type, path: Path) -> Any:
-    """Default `cls` with the settings of a TOML file applied."""
-    if not path.is_file():
+def read_toml(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
         raise ConfigError(f"Config file {path} does not exist; the paper's runs are in configs/ (e.g. configs/pickscore.toml).")
     with open(path, "rb") as f:
         try:
-            overrides = tomllib.load(f)
+            return tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Config file {path} is not valid TOML: {e}") from None
-    return with_overrides(cls(config=path), overrides, str(path))
+
+
+def load_config_file(cls: type, path: Path, base: Any = None) -> Any:
+    """`base` (default: `cls()`) with the settings of a TOML file applied."""
+    base = cls() if base is None else base
+    return with_overrides(dataclasses.replace(base, config=Path(path)), read_toml(path), str(path))
+
+
+def project_path(path: Path) -> Path:
+    """A relative path as given if it exists from here, else relative to the project (e.g. prompt_sets/...)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
 
 
 def to_jsonable(cfg: Any) -> dict[str, Any]:

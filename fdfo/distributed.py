@@ -91,3 +91,12 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the ranks."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()

@@ -1,0 +1,54 @@
+"""Training prompts: one global, seeded stream, so pair g of epoch e has the same prompt on any rank count."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fdfo.config import project_path
+
+PICKSCORE_TRAIN_URL = (
+    "https://raw.githubusercontent.com/NVlabs/finite-difference-flow-optimization/main/prompt_sets/pickscore_train.txt"
+)
+
+
+class PromptFileError(FileNotFoundError):
+    pass
+
+
+def load_prompts(path: Path) -> list[str]:
+    """Non-empty lines of a prompt file."""
+    path = project_path(path)
+    download = (f"\nDownload the paper's training prompts with:\n  curl -L -o prompt_sets/pickscore_train.txt "
+                f"{PICKSCORE_TRAIN_URL}" if path.name == "pickscore_train.txt" else "")
+    if not path.is_file():
+        raise PromptFileError(f"The prompt file {path} does not exist.{download}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise PromptFileError(f"The prompt file {path} holds no prompts (one prompt a line).{download}")
+    return prompts
+
+
+class PromptStream:
+    """Prompt of global pair g in epoch e: position e·N + g of an endless sequence of seeded shuffles."""
+
+    def __init__(self, prompts: list[str], seed: int, pairs_per_epoch: int):
+        self.prompts, self.seed, self.pairs_per_epoch = prompts, seed, pairs_per_epoch
+
+    @lru_cache(maxsize=4)
+    def _shuffle(self, cycle: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, cycle]).permutation(len(self.prompts))
+
+    def position(self, epoch: int) -> int:
+        """Prompts drawn before `epoch` (the stream position a checkpoint records)."""
+        return epoch * self.pairs_per_epoch
+
+    def prompts_for(self, epoch: int, pair_ids: range | list[int]) -> list[str]:
+        out = []
+        for g in pair_ids:
+            n = self.position(epoch) + g
+            cycle, index = divmod(n, len(self.prompts))
+            out.append(self.prompts[self._shuffle(cycle)[index]])
+        return out

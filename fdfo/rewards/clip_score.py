@@ -1,0 +1,38 @@
+"""CLIP-type preference scores (PickScore; HPSv2 and CLIP-H/L in evaluation): logit_scale.exp() · cos(text, image)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor, CLIPModel
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+class ClipScore:
+    """Scores images against their prompts with a CLIP model, in float32, through the model's own processor.
+
+    Float images in [0, 1] (training) are used as they are; uint8 images (evaluation) are rescaled by
+    the processor, as the published evaluation does.
+    """
+
+    def __init__(self, model: CLIPModel, processor, device: torch.device):
+        self.model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        self.processor, self.device = processor, device
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, processor_id: str, device: torch.device) -> ClipScore:
+        return cls(CLIPModel.from_pretrained(model_id, dtype=torch.float32), AutoProcessor.from_pretrained(processor_id),
+                   device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = self.processor.image_processor(
+            images=list(images.to(self.device)), do_rescale=not images.is_floating_point(), return_tensors="pt"
+        )["pixel_values"].to(self.device, torch.float32)
+        text = self.processor.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = self.model.get_text_features(input_ids=text.input_ids.to(self.device),
+                                                   attention_mask=text.attention_mask.to(self.device)).pooler_output
+        cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
+        return self.model.logit_scale.exp() * cosine

@@ -1,0 +1,68 @@
+"""Yes/no scores from Qwen2.5-VL: 100 · sigmoid(logit("Yes") − logit("No")) at the last position."""
+
+from __future__ import annotations
+
+import torch
+
+from fdfo import distributed
+
+VLM_MODELS = {"qwenvl-7b": "Qwen/Qwen2.5-VL-7B-Instruct", "qwenvl-3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
+SYSTEM_PROMPT = "You are a helpful assistant."
+TRAIN_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+
+
+class YesNoVlm:
+    """A chat VLM asked one question per image; the answer's Yes/No logits give a score in [0, 100]."""
+
+    def __init__(self, model: torch.nn.Module, processor, device: torch.device, shard: bool = False):
+        self.processor, self.device = processor, device
+        self.processor.tokenizer.padding_side = "left"  # the last position is the answer's for every row
+        self.yes, self.no = (single_token(processor.tokenizer, word) for word in ("Yes", "No"))
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.sharded = shard and distributed.world_size() > 1
+        if self.sharded:
+            shard_model(self.model)
+
+    @classmethod
+    def from_pretrained(cls, name: str, device: torch.device, shard: bool) -> YesNoVlm:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        model_id = VLM_MODELS[name]
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        return cls(model, AutoProcessor.from_pretrained(model_id), device, shard)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, questions: list[str], resize: int | None) -> torch.Tensor:
+        """Float images in [0, 1] (resized bilinearly to `resize` px if given) or uint8 images, one question each."""
+        if resize is not None:
+            images = torch.nn.functional.interpolate(images.float(), size=(resize, resize), mode="bilinear",
+                                                     align_corners=False).clamp(0, 1)
+        chats = [self.processor.apply_chat_template(chat(q), tokenize=False, add_generation_prompt=True)
+                 for q in questions]
+        inputs = self.processor(text=chats, images=list(images.cpu()), padding=True, return_tensors="pt",
+                                do_rescale=not images.is_floating_point()).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        return 100 * torch.sigmoid(logits[:, self.yes] - logits[:, self.no])
+
+
+def chat(question: str) -> list[dict]:
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def single_token(tokenizer, word: str) -> int:
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"The VLM's tokenizer splits {word!r} into {len(ids)} tokens {ids}; the yes/no score needs "
+                         "it to be a single token. Use a Qwen2.5-VL checkpoint (--vlm-model-name).")
+    return ids[0]
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 full shard over all ranks: each transformer block, then the rest; parameters gathered per block."""
+    from torch.distributed.fsdp import fully_shard
+    for module in model.modules():
+        if type(module).__name__ in ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"):
+            fully_shard(module)
+    fully_shard(model)

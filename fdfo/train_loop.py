@@ -1,0 +1,303 @@
+"""The FDFO training loop: sample pairs → score → finite differences → shuffle across ranks → optimise → report → save."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fdfo import distributed
+from fdfo.batching import BatchPlan, plan_batches
+from fdfo.checkpoint import find_checkpoint, load_state, restore_rng_states, save_checkpoint
+from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
+from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
+from fdfo.exchange import fetch_items, rank_slice, step_items
+from fdfo.lora import attach_lora, load_lora
+from fdfo.models import compute_dtype, load_pipeline
+from fdfo.prompts import PromptStream, load_prompts
+from fdfo.rewards import Reward, build_reward
+from fdfo.runlog import RunLog, new_run_dir
+from fdfo.sampler import sample_pairs
+from fdfo.sd3 import PromptEmbeds, encode_prompts, predict_velocity
+from fdfo.seeding import item_permutation, pair_generator
+
+
+@dataclass
+class RankSamples:
+    """One rank's scored pairs of an epoch. Items are (sample, timestep) couples, item = sample · T + t."""
+
+    inputs: torch.Tensor  # x_t of every item: (2P·T, C, h, w)
+    velocities: torch.Tensor  # v_ref of every item: (2P·T, C, h, w)
+    sigmas: torch.Tensor  # (T + 1,)
+    final_latents: torch.Tensor  # (2P, C, h, w)
+    rewards: torch.Tensor  # (2P,)
+    terms: dict[str, torch.Tensor]  # term → (2P,)
+    cond: PromptEmbeds  # one row per pair
+    prompts: list[str]  # one per pair
+    first_images: torch.Tensor  # the first pair's two images, for W&B
+
+
+@dataclass
+class SharedSignal:
+    """What every rank needs of every sample to train on any item: §3's d and dR, and the prompt."""
+
+    d: torch.Tensor  # normalised endpoint differences, (2N, C, h, w)
+    dR: torch.Tensor  # reward differences, (2N,)
+    cond: PromptEmbeds  # prompt embeddings per pair (N rows); uncond rows: 1, shared by all
+
+
+class PhaseTimer:
+    """Wall time (and peak GPU memory on CUDA) accumulated per named phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.peak_gib = device, {}, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.peak_gib[phase] = max(self.peak_gib.get(phase, 0.0), peak)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or continue) a training run; returns its run folder."""
+    # Initialize: batch plan, prompts and checkpoint are checked before any model loads.
+    device = distributed.init()
+    plan = plan_batches(cfg.total_pairs_per_epoch, distributed.world_size(), cfg.gradient_steps_per_epoch,
+                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size)
+    stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
+    resume = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    run_dir = prepare_run_dir(cfg, plan, resume)
+    if cfg.dry_run:
+        return run_dir
+
+    # Set up the model, its LoRA, the reward and the optimiser.
+    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
+    lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    reward = build_reward(cfg.reward_preset, device, tiny=cfg.pretrained_model == "tiny",
+                          vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp)
+    optimizer = make_optimizer(lora, cfg.train)
+    start_epoch, optimizer_steps = 0, 0
+
+    # Load previous checkpoint.
+    if resume is not None:
+        state = load_state(resume)
+        load_lora(lora, resume)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_states(state["rng"])
+        start_epoch, optimizer_steps = state["epochs_done"], state["optimizer_steps"]
+        distributed.print0(f"Resumed from {resume}: {start_epoch} epochs and {optimizer_steps} steps done.")
+    model = DistributedDataParallel(pipe.transformer) if distributed.world_size() > 1 else pipe.transformer
+    log = RunLog(run_dir, to_jsonable(cfg), cfg.log_wandb, resume_epoch=start_epoch if resume else None)
+
+    # Main training loop.
+    try:
+        for epoch in range(start_epoch, cfg.num_epochs):
+            timer, epoch_start = PhaseTimer(device), time.perf_counter()
+
+            # Sample pairs and score them (paper §2, §6).
+            set_text_encoders_device(pipe, device, cfg.memory_efficient)
+            samples = sample_and_score(pipe, reward, stream, cfg, plan, epoch, timer)
+
+            # Turn rewards into finite-difference targets and share them with every rank (§3).
+            set_text_encoders_device(pipe, torch.device("cpu") if cfg.memory_efficient else device,
+                                     cfg.memory_efficient)
+            with timer("share"):
+                signal = share_signal(samples)
+
+            # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
+            with timer("train"):
+                steps = optimise_epoch(model, lora, optimizer, samples, signal, cfg, plan, epoch, optimizer_steps)
+            optimizer_steps += len(steps)
+
+            # Report.
+            report_epoch(log, epoch, samples, steps, timer, plan, time.perf_counter() - epoch_start, cfg)
+
+            # Save checkpoint.
+            if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
+                if distributed.is_main():
+                    path = save_checkpoint(run_dir, epoch + 1, lora, {
+                        "optimizer": optimizer.state_dict(), "optimizer_steps": optimizer_steps,
+                        "prompt_position": stream.position(epoch + 1), "grad_scaler": None,
+                        "seed": cfg.seed, "total_pairs": plan.total_pairs,
+                    })
+                    print(f"Saved {path}", flush=True)
+                distributed.barrier()
+    finally:
+        log.close()
+    return run_dir
+
+
+def prepare_run_dir(cfg: TrainConfig, plan: BatchPlan, resume: Path | None) -> Path:
+    """Create (or, on resume, reuse) the run folder; print and save the resolved configuration."""
+    if distributed.is_main():
+        if resume is not None and resume.parent.name == "checkpoints":
+            run_dir = resume.parent.parent
+        elif cfg.dry_run:
+            run_dir = Path(cfg.runs_dir) / f"<next id>-{cfg.run_name or cfg.default_run_name}"
+        else:
+            run_dir = new_run_dir(cfg.runs_dir, cfg.run_name or cfg.default_run_name)
+        resolved = {"config": to_jsonable(cfg), "batch_plan": asdict(plan), "run_dir": str(run_dir)}
+        print(json.dumps(resolved, indent=2), flush=True)
+        if not cfg.dry_run:
+            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    else:
+        run_dir = None
+    return Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+
+
+def make_optimizer(lora: torch.nn.Module, train: TrainPhaseConfig) -> torch.optim.Optimizer:
+    params = [p for p in lora.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                             eps=train.adam_eps, weight_decay=train.weight_decay)
+
+
+def set_text_encoders_device(pipe: Any, device: torch.device, memory_efficient: bool) -> None:
+    """With memory_efficient, the text encoders live on the CPU while training and come back to sample."""
+    if memory_efficient:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            encoder.to(device)
+
+
+def sample_and_score(pipe: Any, reward: Reward, stream: PromptStream, cfg: TrainConfig, plan: BatchPlan,
+                     epoch: int, timer: PhaseTimer) -> RankSamples:
+    """This rank's pairs of the epoch: global pairs rank·P … rank·P + P − 1, each from its own seeded noise."""
+    device = pipe.transformer.device
+    first_pair = distributed.rank() * plan.pairs_per_rank
+    pipe.transformer.eval()
+    batches = []
+    for b in tqdm(range(plan.num_sample_batches), desc=f"epoch {epoch} sampling", disable=not distributed.is_main(),
+                  leave=False):
+        pair_ids = range(first_pair + b * plan.sample_batch_size, first_pair + (b + 1) * plan.sample_batch_size)
+        prompts = stream.prompts_for(epoch, pair_ids)
+        with timer("encode"):
+            cond = encode_prompts(pipe, prompts, cfg.sample.guidance_scale, cfg.sample.max_sequence_length)
+        with timer("sample"):
+            generators = [pair_generator(cfg.seed, epoch, g, device) for g in pair_ids]
+            traj = sample_pairs(pipe, cond, generators, cfg.sample.num_solver_steps, cfg.sample.churn_weight,
+                                cfg.sample.guidance_scale, cfg.sample.resolution)
+        with timer("reward"):
+            scores = reward(traj.images, [p for p in prompts for _ in range(2)])
+        batches.append((traj, scores, cond, prompts))
+    trajs, scores, conds, prompts = zip(*batches)
+    cat = torch.cat
+    return RankSamples(
+        inputs=cat([t.inputs for t in trajs]).flatten(0, 1), velocities=cat([t.velocities for t in trajs]).flatten(0, 1),
+        sigmas=trajs[0].sigmas, final_latents=cat([t.final_latents for t in trajs]),
+        rewards=cat([s.total for s in scores]), terms={k: cat([s.terms[k] for s in scores]) for k in scores[0].terms},
+        cond=PromptEmbeds(cat([c.embeds for c in conds]), cat([c.pooled for c in conds]),
+                          conds[0].uncond_embeds[:1] if conds[0].uncond_embeds is not None else None,
+                          conds[0].uncond_pooled[:1] if conds[0].uncond_pooled is not None else None),
+        prompts=[p for batch in prompts for p in batch], first_images=trajs[0].images[:2].cpu(),
+    )
+
+
+def share_signal(samples: RankSamples) -> SharedSignal:
+    """d and dR of every sample of every rank, and every pair's prompt embeddings (small next to the trajectories)."""
+    gather = distributed.all_gather_tensor
+    d = normalise(endpoint_differences(samples.final_latents))
+    dR = reward_differences(samples.rewards)
+    cond = PromptEmbeds(gather(samples.cond.embeds), gather(samples.cond.pooled),
+                        samples.cond.uncond_embeds, samples.cond.uncond_pooled)
+    return SharedSignal(d=gather(d), dR=gather(dR), cond=cond)
+
+
+def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Optimizer, samples: RankSamples,
+                   signal: SharedSignal, cfg: TrainConfig, plan: BatchPlan, epoch: int,
+                   steps_before: int) -> list[dict[str, float]]:
+    """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle."""
+    T = cfg.sample.num_solver_steps
+    items_per_rank = 2 * plan.pairs_per_rank * T
+    permutation = item_permutation(cfg.seed, epoch, items_per_rank * plan.world_size)
+    micro_batches = T * plan.gradient_accumulation_steps
+    params = [p for p in lora.parameters() if p.requires_grad]
+    lora.train()
+    stats = []
+    bar = tqdm(total=plan.gradient_steps_per_epoch * micro_batches, desc=f"epoch {epoch} training",
+               disable=not distributed.is_main(), leave=False)
+    for k in range(plan.gradient_steps_per_epoch):
+        items = step_items(permutation, k, plan.gradient_steps_per_epoch)
+        mine = rank_slice(items, distributed.rank(), plan.world_size).to(samples.inputs.device)
+        x, v_ref = fetch_items([samples.inputs, samples.velocities], items, items_per_rank)
+        totals = torch.zeros(4, device=x.device)  # loss, policy loss, kl, clipfrac
+        for m in range(micro_batches):
+            rows = slice(m * plan.train_batch_size, (m + 1) * plan.train_batch_size)
+            last = m == micro_batches - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
+                (terms.loss / micro_batches).backward()
+            totals += torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac]) / micro_batches
+            if k == 0 and m == 0:
+                ratio_dev_first = (terms.ratio - 1).abs().mean().item()
+            bar.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals = distributed.all_reduce_mean(totals)
+        stats.append({"kind": "step", "epoch": epoch, "step": steps_before + k + 1, "loss": totals[0].item(),
+                      "policy_loss": totals[1].item(), "kl": totals[2].item(), "clipfrac": totals[3].item(),
+                      "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]})
+    bar.close()
+    stats[0]["ratio_dev_first_micro_batch"] = ratio_dev_first
+    return stats
+
+
+def micro_batch_loss(model: torch.nn.Module, lora: Any, x: torch.Tensor, v_ref: torch.Tensor, items: torch.Tensor,
+                     sigmas: torch.Tensor, signal: SharedSignal, cfg: TrainConfig):
+    """The surrogate loss of a micro-batch of items, v_θ computed exactly as during sampling."""
+    T = cfg.sample.num_solver_steps
+    sample, t = torch.div(items, T, rounding_mode="floor"), items % T
+    pair = torch.div(sample, 2, rounding_mode="floor")
+    cond = PromptEmbeds(
+        signal.cond.embeds[pair], signal.cond.pooled[pair],
+        None if signal.cond.uncond_embeds is None else signal.cond.uncond_embeds.expand(len(items), -1, -1),
+        None if signal.cond.uncond_pooled is None else signal.cond.uncond_pooled.expand(len(items), -1),
+    )
+    guidance = cfg.sample.guidance_scale
+    v_theta = predict_velocity(model, x, sigmas[t], cond, guidance)
+    v_base = None
+    if cfg.train.kl_weight > 0:
+        with torch.no_grad(), lora.disable_adapter():
+            v_base = predict_velocity(model, x, sigmas[t], cond, guidance)
+    return surrogate_loss(v_theta, v_ref, signal.d[sample], signal.dR[sample], cfg.train.clip_range,
+                          cfg.train.kl_weight, v_base)
+
+
+def report_epoch(log: RunLog, epoch: int, samples: RankSamples, steps: list[dict[str, float]], timer: PhaseTimer,
+                 plan: BatchPlan, seconds: float, cfg: TrainConfig) -> None:
+    """One JSONL record per optimiser step and one per epoch; a line on stdout; image pairs to W&B every 10 epochs."""
+    rewards = distributed.all_gather_tensor(samples.rewards)
+    terms = {k: distributed.all_gather_tensor(v).mean().item() for k, v in samples.terms.items()}
+    for record in steps:
+        log.write(record)
+    record = {"kind": "epoch", "epoch": epoch, "reward_mean": rewards.mean().item(),
+              "reward_std": rewards.std().item(), **{f"reward_{k}": v for k, v in terms.items()},
+              **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_epoch": seconds,
+              "pairs_per_s": plan.total_pairs / seconds,
+              **{f"peak_vram_gib_{k}": v for k, v in timer.peak_gib.items()}}
+    images = None
+    if log.wandb is not None and epoch % 10 == 0:
+        import wandb
+        r = samples.rewards[:2].tolist()
+        side_by_side = torch.cat(list(samples.first_images), dim=2).permute(1, 2, 0).numpy()
+        images = {"pair": wandb.Image(side_by_side, caption=f"R = {r[0]:.3f} | {r[1]:.3f}: {samples.prompts[0]}")}
+    log.write(record, images)
+    distributed.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
+                       f"loss {steps[-1]['loss']:.4g}, clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
+                       f"{record['pairs_per_s']:.2f} pairs/s")

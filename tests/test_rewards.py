@@ -1,0 +1,81 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdfo.rewards import PRESETS, build_reward
+from fdfo.rewards.clip_score import ClipScore
+from fdfo.rewards.twins import qwen_tokenizer, tiny_clip, tiny_qwen_vl
+from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm, single_token
+
+CPU = torch.device("cpu")
+PROMPTS = ["a cat", "an astronaut riding a horse on the moon, oil painting, highly detailed", ""]
+
+
+def images(n=3, seed=0):
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pickscore_twin_scores_batch_like_one_by_one():
+    score = ClipScore(*tiny_clip(), CPU)
+    batch = score(images(), PROMPTS)
+    assert batch.shape == (3,) and batch.dtype == torch.float32 and torch.isfinite(batch).all()
+    single = torch.cat([score(images()[i:i + 1], [p]) for i, p in enumerate(PROMPTS)])
+    torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
+
+
+def test_vlm_twin_scores_batch_like_one_by_one():
+    vlm = YesNoVlm(*tiny_qwen_vl(), CPU)
+    questions = [TRAIN_QUESTION.format(prompt=p) for p in PROMPTS]  # different lengths: left padding matters
+    batch = vlm.score(images(), questions, resize=504)
+    assert batch.shape == (3,) and batch.dtype == torch.float32
+    assert ((batch > 0) & (batch < 100)).all()
+    single = torch.cat([vlm.score(images()[i:i + 1], [q], resize=504) for i, q in enumerate(questions)])
+    print(f"VLM batch vs one-by-one: max |difference| = {(batch - single).abs().max():.2e}")
+    torch.testing.assert_close(batch, single, rtol=0, atol=1e-4)
+
+
+def test_vlm_sharded_over_two_ranks_equals_one_process(tmp_path):
+    script = Path(__file__).parent / "vlm_shard_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    out = tmp_path / "scores"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    vlm = YesNoVlm(*tiny_qwen_vl(), CPU)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"scores.{rank}.json").read_text())
+        assert got["sharded"] is True
+        expected = vlm.score(images(2, seed=rank), [TRAIN_QUESTION.format(prompt=p) for p in PROMPTS[:2]], 504)
+        print(f"rank {rank}: sharded vs single process max |difference| = "
+              f"{(torch.tensor(got['scores']) - expected).abs().max():.2e}")
+        torch.testing.assert_close(torch.tensor(got["scores"]), expected, rtol=0, atol=1e-5)
+
+
+def test_combined_preset_is_the_weighted_sum_of_its_terms():
+    reward = build_reward("combined", CPU, tiny=True)
+    out = reward(images(), PROMPTS)
+    assert [(t.name, t.weight) for t in reward.terms] == PRESETS["combined"] == [("pickscore", 1.0), ("vlm_alignment", 0.1)]
+    torch.testing.assert_close(out.total, out.terms["pickscore"] + 0.1 * out.terms["vlm_alignment"])
+
+
+def test_long_and_empty_prompts_are_scored():
+    reward = build_reward("combined", CPU, tiny=True)
+    out = reward(images(2), ["word " * 300, ""])
+    assert torch.isfinite(out.total).all()
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid presets are: pickscore, vlm_alignment, combined, compressibility"):
+        build_reward("aesthetic", CPU, tiny=True)
+
+
+def test_yes_and_no_must_be_single_tokens():
+    tokenizer = qwen_tokenizer()
+    assert single_token(tokenizer, "Yes") != single_token(tokenizer, "No")
+    with pytest.raises(ValueError, match="splits 'Maybe' into 5 tokens"):
+        single_token(tokenizer, "Maybe")

@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdfo import checkpoint
+from fdfo.checkpoint import CheckpointError, find_checkpoint
+from fdfo.cli import parse_train_config
+from fdfo.config import ConfigError
+from fdfo.prompts import PromptFileError
+from fdfo.rewards import Reward, RewardTerm
+from fdfo.runlog import read_log
+from fdfo.train_loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small but complete run: 8 pairs of 4-step trajectories at 32 px, 2 optimiser steps per epoch.
+SMALL = ["--pretrained-model", "tiny", "--reward-preset", "compressibility", "--total-pairs-per-epoch", "8",
+         "--gradient-steps-per-epoch", "2", "--sample.num-solver-steps", "4", "--sample.resolution", "32",
+         "--sample.batch-size", "2", "--train.batch-size", "2"]
+
+
+def epoch_records(run_dir):
+    return [r for r in read_log(run_dir) if r["kind"] == "epoch"]
+
+
+def lora_weights(run_dir, epochs):
+    return load_file(Path(run_dir) / "checkpoints" / f"epoch-{epochs:07d}" / "adapter_model.safetensors")
+
+
+def torchrun(nproc, runs_dir, *flags):
+    """train.py under torchrun with gloo ranks; later flags win over SMALL's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *SMALL, "--runs-dir", str(runs_dir), *flags]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = Path(runs_dir).iterdir()
+    return run_dir
+
+
+def test_same_result_on_1_2_and_4_ranks(tmp_path):
+    # A continuous reward (the tiny PickScore twin): JPEG sizes are whole bytes, so a rounding-level
+    # difference in the LoRA can flip a compressibility reward and change the next epoch's signal.
+    runs = {n: torchrun(n, tmp_path / f"ranks{n}", "--reward-preset", "pickscore", "--num-epochs", "2",
+                        "--save-freq", "2") for n in (1, 2, 4)}
+    rewards = {n: epoch_records(run)[0]["reward_mean"] for n, run in runs.items()}
+    assert rewards[1] == rewards[2] == rewards[4]  # the same pairs, bit for bit
+    reference = lora_weights(runs[1], 2)
+    worst = 0.0
+    for n in (2, 4):
+        weights = lora_weights(runs[n], 2)
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            worst = max(worst, (weights[key] - value).abs().max().item())
+    print(f"largest LoRA weight difference vs 1 rank after 2 epochs: {worst:.3g}")
+    assert worst < 1e-5  # float reduction order only (measured: see the README)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "a"), "--num-epochs", "4",
+                                         "--save-freq", "2"]))
+    first = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "2",
+                                      "--save-freq", "2"]))
+    resumed = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "4",
+                                        "--save-freq", "2", "--resume-from", str(first)]))
+    assert resumed == first  # continues in the same run folder
+    for key, value in lora_weights(straight, 4).items():
+        assert torch.equal(lora_weights(resumed, 4)[key], value), key
+    assert [r["reward_mean"] for r in epoch_records(resumed)] == [r["reward_mean"] for r in epoch_records(straight)]
+    assert [r["epoch"] for r in epoch_records(resumed)] == [0, 1, 2, 3]
+    steps = [r for r in read_log(resumed) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {"loss", "policy_loss", "clipfrac", "grad_norm", "lr", "kl"} <= steps[0].keys()
+    assert "ratio_dev_first_micro_batch" in steps[0]
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["batch_plan"]["pairs_per_rank"] == 8
+
+
+def test_run_folder_layout(tmp_path):
+    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1"]))
+    assert run_dir.name == "00000-compressibility-cfg_1p0"
+    ckpt = run_dir / "checkpoints" / "epoch-0000001"
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "training_state.pt"}
+    record = epoch_records(run_dir)[0]
+    assert {"reward_mean", "reward_std", "reward_compressibility", "time_sample", "time_reward", "time_train",
+            "pairs_per_s"} <= record.keys()
+    again = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1", "--run-name", "x"]))
+    assert again.name == "00001-x"
+
+
+def test_interrupted_checkpoint_write_leaves_the_last_one_intact(tmp_path, monkeypatch):
+    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1"]))
+    good = find_checkpoint(run_dir)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "2",
+                                  "--resume-from", str(run_dir)]))
+    assert find_checkpoint(run_dir) == good and good.name == "epoch-0000001"
+    assert not (run_dir / "checkpoints" / "epoch-0000002").exists()
+
+
+def test_bad_input_fails_before_models_load(tmp_path):
+    not_a_model = ["--pretrained-model", "no-such/model", "--runs-dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match="raise --total-pairs-per-epoch"):
+        train(parse_train_config([*not_a_model, "--total-pairs-per-epoch", "1"]))
+    with pytest.raises(PromptFileError, match=r"missing\.txt does not exist"):
+        train(parse_train_config([*not_a_model, "--prompt-file", str(tmp_path / "missing.txt")]))
+    with pytest.raises(PromptFileError, match="curl -L -o prompt_sets/pickscore_train.txt"):
+        train(parse_train_config([*not_a_model, "--prompt-file", str(tmp_path / "pickscore_train.txt")]))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(PromptFileError, match="holds no prompts"):
+        train(parse_train_config([*not_a_model, "--prompt-file", str(tmp_path / "empty.txt")]))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--resume-from", str(tmp_path / "run")]))
+
+
+def test_non_finite_reward_names_the_prompt():
+    reward = Reward([RewardTerm("broken", 1.0, lambda images, prompts: torch.tensor([1.0, float("nan")]))])
+    with pytest.raises(FloatingPointError, match="`broken` is nan for the prompt 'a green apple'"):
+        reward(torch.rand(2, 3, 8, 8), ["a red apple", "a green apple"])
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        reward(torch.rand(2, 3, 8, 8) * 2, ["a", "b"])
+    with pytest.raises(ValueError, match="shape"):
+        reward(torch.rand(2, 8, 8), ["a", "b"])

@@ -1,0 +1,7 @@
+"""FDFO training: `python train.py [flags]` on one device, `torchrun --nproc_per_node=N train.py [flags]` on many."""
+
+from fdfo.cli import parse_train_config
+from fdfo.train_loop import train
+
+if __name__ == "__main__":
+    train(parse_train_config())
