@@ -8,18 +8,30 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from fdfo.tiny import clip_tokenizer
 
 
-def tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
-    """A CLIP model with PickScore's structure (text + vision towers, projections, logit scale), tiny."""
+# PickScore / CLIP-ViT-H/14 shapes, and tiny ones.
+CLIP_SHAPES = {
+    "tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=32), 32),
+    "full": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  vocab_size=49408, hidden_act="gelu"),
+             dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  patch_size=14, hidden_act="gelu"), 1024),
+}
+
+
+def tiny_clip(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu") -> tuple[CLIPModel, CLIPProcessor]:
+    """A random CLIP model with PickScore's structure (text + vision towers, projections, logit scale);
+    `size="full"` gives PickScore's real shapes (ViT-H/14), for benchmarks."""
     tokenizer = clip_tokenizer()
+    text_shape, vision_shape, projection_dim = CLIP_SHAPES[size]
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=32),
-        projection_dim=32,
+        text_config={"vocab_size": len(tokenizer), **text_shape, "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config=dict(image_size=224, **vision_shape),
+        projection_dim=projection_dim,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = CLIPModel(config)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
@@ -54,26 +66,41 @@ def qwen_tokenizer():
     return tokenizer
 
 
-def tiny_qwen_vl(seed: int = 0):
-    """A Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder), tiny."""
+QWEN_SHAPES = {
+    "tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, mrope_section=[2, 3, 3]),
+             dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[1])),
+    "7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064),
+           dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                fullatt_block_indexes=[7, 15, 23, 31])),
+}
+
+
+def tiny_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """A random Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder);
+    `size="7b"` gives Qwen2.5-VL-7B's shapes, for benchmarks."""
+    from fdfo.tiny import default_dtype
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tokenizer = qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    text_shape, vision_shape = QWEN_SHAPES[size]
+    text_shape = dict(text_shape)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": text_shape.pop("mrope_section")}
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        text_config=dict(**{"vocab_size": len(tokenizer), **text_shape}, max_position_embeddings=4096,
+                         rope_parameters=rope, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           fullatt_block_indexes=[1]),
+        vision_config=vision_shape,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device), default_dtype(dtype):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
