@@ -56,16 +56,19 @@ def save_checkpoint(run_dir: Path, epochs_done: int, lora: PeftModel, state: dic
     return final
 
 
-def find_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint folder, else the newest complete checkpoint of the run folder `path`."""
+def find_checkpoint(path: Path, required: str = STATE_FILE) -> Path:
+    """`path` itself if it is a checkpoint folder, else the newest complete checkpoint of the run folder `path`.
+
+    Complete = holding `required` (the training state to resume; the adapter weights to generate).
+    """
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if (path / required).is_file():
         return path
-    candidates = sorted(p for p in (path / "checkpoints").glob("epoch-*") if (p / STATE_FILE).is_file())
+    candidates = sorted(p for p in (path / "checkpoints").glob("epoch-*") if (p / required).is_file())
     if not candidates:
         raise CheckpointError(
-            f"--resume-from {path}: no checkpoint there (expected {path}/{STATE_FILE} or "
-            f"{path}/checkpoints/epoch-<7 digits>/{STATE_FILE}). Pass a checkpoint folder or a run folder that has one."
+            f"{path}: no checkpoint there (expected {path}/{required} or "
+            f"{path}/checkpoints/epoch-<7 digits>/{required}). Pass a checkpoint folder or a run folder that has one."
         )
     return candidates[-1]
 

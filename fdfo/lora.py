@@ -47,6 +47,18 @@ def save_lora(model: PeftModel, folder: Path) -> None:
     model.save_pretrained(str(folder))
 
 
+def attach_lora_from(transformer: torch.nn.Module, folder: Path) -> PeftModel:
+    """Attach a LoRA shaped by a checkpoint's own adapter_config.json, then load its weights strictly."""
+    config_file = Path(folder) / ADAPTER_FILES[0]
+    if not config_file.is_file():
+        raise LoraLoadError(f"{folder} is not a LoRA checkpoint folder: {ADAPTER_FILES[0]} missing.")
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = False
+    model = get_peft_model(transformer, config)
+    load_lora(model, folder)
+    return model
+
+
 def load_lora(model: PeftModel, folder: Path) -> None:
     """Load a PEFT LoRA folder into `model`, refusing any missing, unexpected or reshaped weight."""
     folder = Path(folder)

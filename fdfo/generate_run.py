@@ -1,0 +1,37 @@
+"""generate.py: load the base model and a LoRA checkpoint, render a labelled grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fdfo import distributed
+from fdfo.config import PROJECT_ROOT, GenerateConfig
+from fdfo.generation import generate_images
+from fdfo.grid import make_grid
+from fdfo.hub import resolve_checkpoint
+from fdfo.lora import attach_lora_from
+from fdfo.models import compute_dtype, load_pipeline
+from fdfo.prompts import load_prompts
+
+DEFAULT_PROMPTS = PROJECT_ROOT / "prompt_sets" / "generate_default.txt"
+
+
+def generate(cfg: GenerateConfig) -> Path:
+    """Write the grid to cfg.out and return its path."""
+    prompts = load_prompts(cfg.prompts or DEFAULT_PROMPTS)
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    device = distributed.init()
+    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
+    if checkpoint is not None:
+        attach_lora_from(pipe.transformer, checkpoint)
+        print(f"LoRA from {checkpoint}", flush=True)
+    per_prompt = cfg.grid_rows * cfg.grid_cols
+    images = generate_images(pipe, [p for p in prompts for _ in range(per_prompt)],
+                             [cfg.seed + k for _ in prompts for k in range(per_prompt)], cfg.num_solver_steps,
+                             cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length, cfg.batch_size)
+    grid = make_grid(images, prompts, cfg.grid_rows, cfg.grid_cols)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out, **({"quality": 95} if out.suffix.lower() in (".jpg", ".jpeg") else {}))
+    print(f"Wrote {out} ({grid.width}×{grid.height} px, {len(prompts)} prompts × {per_prompt} images)", flush=True)
+    return out

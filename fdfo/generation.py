@@ -1,0 +1,30 @@
+"""Images from the plain diffusers SD3 pipeline (no churn), one seed per image; shared by generate.py and metrics.py."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from tqdm import tqdm
+
+from fdfo import distributed
+from fdfo.sd3 import default_resolution, latent_shape
+
+
+@torch.no_grad()
+def generate_images(pipe: StableDiffusion3Pipeline, prompts: list[str], seeds: list[int], num_steps: int,
+                    guidance_scale: float, resolution: int | None, max_sequence_length: int,
+                    batch_size: int, desc: str = "generating") -> torch.Tensor:
+    """uint8 images (N, 3, H, W) for prompts[i] with starting noise from seeds[i], in batches."""
+    device = pipe.transformer.device
+    resolution = resolution or default_resolution(pipe)
+    shape = latent_shape(pipe, resolution)
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not distributed.is_main()):
+        chunk = slice(start, start + batch_size)
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(s), device=device)
+                               for s in seeds[chunk]]).to(pipe.transformer.dtype)
+        images = pipe(prompt=prompts[chunk], latents=latents, num_inference_steps=num_steps,
+                      guidance_scale=guidance_scale, height=resolution, width=resolution,
+                      max_sequence_length=max_sequence_length, output_type="pt").images
+        out.append((images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out)

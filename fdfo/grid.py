@@ -1,0 +1,45 @@
+"""A labelled image grid: one column block per prompt, with a title and the prompt as caption."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 8  # pixels between prompt blocks and around captions
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's own scalable font (shipped with Pillow, nothing downloaded)."""
+    return ImageFont.load_default(size=size)
+
+
+def caption_lines(prompt: str, width_px: int, font_size: int) -> list[str]:
+    return textwrap.wrap(prompt, width=max(8, int(width_px / (0.55 * font_size)))) or [""]
+
+
+def grid_size(num_prompts: int, rows: int, cols: int, resolution: int, caption_height: int) -> tuple[int, int]:
+    """(width, height) of the grid image in pixels."""
+    return (num_prompts * cols * resolution + (num_prompts + 1) * PAD,
+            caption_height + rows * resolution + PAD)
+
+
+def make_grid(images: torch.Tensor, prompts: list[str], rows: int, cols: int) -> Image.Image:
+    """`images` uint8 (len(prompts)·rows·cols, 3, R, R), prompt-major, laid out as one rows × cols block per prompt."""
+    resolution = images.shape[-1]
+    font_size = max(10, resolution // 16)
+    block_width = cols * resolution
+    lines = [caption_lines(f"{i + 1}. {p}", block_width, font_size) for i, p in enumerate(prompts)]
+    caption_height = PAD + max(len(l) for l in lines) * (font_size + 4)
+    width, height = grid_size(len(prompts), rows, cols, resolution, caption_height)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    per_prompt = rows * cols
+    for p, prompt_lines in enumerate(lines):
+        left = PAD + p * (block_width + PAD)
+        draw.multiline_text((left, PAD // 2), "\n".join(prompt_lines), fill="black", font=font(font_size), spacing=4)
+        for k in range(per_prompt):
+            pixels = images[p * per_prompt + k].permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(pixels), (left + (k % cols) * resolution, caption_height + (k // cols) * resolution))
+    return canvas

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from peft import get_peft_model
+from PIL import Image
+
+from fdfo.checkpoint import CheckpointError
+from fdfo.cli import parse, parse_train_config
+from fdfo.config import GenerateConfig
+from fdfo.generate_run import generate
+from fdfo.grid import grid_size, make_grid
+from fdfo.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
+from fdfo.lora import LoraLoadError, attach_lora_from, lora_config
+from fdfo.tiny import TINY_TRANSFORMER, random_pipeline
+from fdfo.train_loop import train
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("hf:nvidia/finite-difference-flow-optimization/fdfo-combined-reward-no-cfg/epoch-0000100",
+     HubCheckpoint("nvidia/finite-difference-flow-optimization", "fdfo-combined-reward-no-cfg/epoch-0000100")),
+    ("https://huggingface.co/nvidia/fdfo/tree/main/run-a/epoch-0000005",
+     HubCheckpoint("nvidia/fdfo", "run-a/epoch-0000005", "main")),
+    ("https://huggingface.co/nvidia/fdfo/tree/v1.0/run-a/epoch-0000005/",
+     HubCheckpoint("nvidia/fdfo", "run-a/epoch-0000005", "v1.0")),
+    ("runs/00003-pickscore-cfg_1p0", Path("runs/00003-pickscore-cfg_1p0")),
+])
+def test_checkpoint_forms(spec, expected):
+    assert parse_checkpoint(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["hf:nvidia/only-repo", "https://huggingface.co/nvidia/fdfo/blob/main/x",
+                                  "https://example.com/a/b"])
+def test_bad_checkpoint_forms_say_how_to_write_them(spec):
+    with pytest.raises(CheckpointError, match="hf:<org>/<repo>/<subfolder>|huggingface.co/<org>/<repo>/tree"):
+        parse_checkpoint(spec)
+
+
+def test_grid_geometry():
+    images = torch.randint(0, 255, (2 * 2 * 3, 3, 32, 32), dtype=torch.uint8)
+    grid = make_grid(images, ["a cat", "a dog"], rows=2, cols=3)
+    caption_height = grid.height - 2 * 32 - 8
+    assert (grid.width, grid.height) == grid_size(2, 2, 3, 32, caption_height) == (2 * 3 * 32 + 3 * 8, grid.height)
+    # Image k of prompt p sits at column k % cols, row k // cols of block p.
+    pixel = Image.fromarray(images[4].permute(1, 2, 0).numpy()).getpixel((0, 0))
+    assert grid.getpixel((8 + 32, caption_height + 32)) == pixel
+
+
+def test_train_then_generate_round_trip(tmp_path):
+    run_dir = train(parse_train_config(["--pretrained-model", "tiny", "--reward-preset", "compressibility",
+                                        "--total-pairs-per-epoch", "4", "--num-epochs", "1",
+                                        "--sample.num-solver-steps", "2", "--runs-dir", str(tmp_path)]))
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue sphere\n")
+    out = generate(parse(GenerateConfig, [
+        "--pretrained-model", "tiny", "--checkpoint", str(run_dir), "--prompts", str(tmp_path / "prompts.txt"),
+        "--out", str(tmp_path / "new" / "grid.png"), "--num-solver-steps", "2", "--grid-rows", "1",
+        "--grid-cols", "2"]))
+    grid = Image.open(out)
+    assert grid.width == 2 * 2 * 64 + 3 * 8  # 2 prompts × 2 columns of 64 px, created folder
+
+
+def test_published_format_folder_loads_without_missing_or_unexpected_keys(tmp_path):
+    # A PEFT adapter with the published LoRA config, saved as PeftModel.save_pretrained does.
+    published = get_peft_model(random_pipeline("tiny").transformer, lora_config(32, 64))
+    published.save_pretrained(tmp_path / "epoch-0000100")
+    model = attach_lora_from(random_pipeline("tiny").transformer, resolve_checkpoint(str(tmp_path / "epoch-0000100")))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in published.parameters() if p.requires_grad)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    # A transformer of another width: the same keys, other shapes.
+    wider = SD3Transformer2DModel(**{**TINY_TRANSFORMER, "num_attention_heads": 8, "caption_projection_dim": 64})
+    get_peft_model(wider, lora_config(4, 8)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(LoraLoadError, match="of another shape"):
+        attach_lora_from(random_pipeline("tiny").transformer, tmp_path / "wide")
