@@ -1,0 +1,200 @@
+"""metrics.py: the paper's evaluation — generate with the plain pipeline, score, gather, average."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fdfo import distributed
+from fdfo.config import PROJECT_ROOT, ConfigError, MetricsConfig, to_jsonable
+from fdfo.generation import generate_images
+from fdfo.hub import resolve_checkpoint
+from fdfo.lora import attach_lora_from
+from fdfo.models import compute_dtype, load_pipeline
+from fdfo.prompts import load_prompts
+
+PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
+               "hpdv2": PROJECT_ROOT / "prompt_sets" / "hpdv2.json"}
+OFFLINE_PROMPTS = PROJECT_ROOT / "prompt_sets" / "demo.txt"
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+# CLIP-type metrics: (model, processor); the score is logit_scale.exp() · cosine for all of them.
+CLIP_METRICS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", "yuvalkirstain/PickScore_v1"),
+    "hpsv2": ("adams-story/HPSv2-hf", "adams-story/HPSv2-hf"),
+    "clip_h14": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip_l14": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+}
+VLM_QUESTIONS = {
+    "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
+    "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
+    "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
+}
+
+
+def check_request(cfg: MetricsConfig) -> None:
+    """Refuse impossible requests before any model loads."""
+    if "dreamsim_diversity" in cfg.metrics and cfg.num_repeats < 2:
+        raise ConfigError("dreamsim_diversity compares the repeats of a prompt: give --num-repeats 2 or more.")
+    if cfg.num_prompts < 1 or cfg.num_repeats < 1:
+        raise ConfigError("--num-prompts and --num-repeats must be at least 1.")
+
+
+def prompt_set(name: str, offline: bool) -> list[str]:
+    """The prompts of a set; with `offline` (the tiny model) our own demo prompts stand in for it."""
+    if offline:
+        distributed.print0(f"--pretrained-model tiny: using the offline prompts {OFFLINE_PROMPTS} for `{name}`.")
+        return load_prompts(OFFLINE_PROMPTS)
+    path = PROMPT_SETS[name]
+    if name == "hpdv2" and not path.exists():
+        with distributed.rank0_first():
+            if distributed.is_main() and not path.exists():
+                download_hpdv2(path)
+    if name == "hpdv2":
+        return json.loads(path.read_text())
+    return load_prompts(path)
+
+
+def download_hpdv2(path: Path) -> None:
+    """The HPDv2 benchmark's 3,200 prompts (4 styles × 800) from the Hub dataset, once, into `path`."""
+    from huggingface_hub import hf_hub_download
+    prompts = []
+    for style in HPDV2_STYLES:
+        file = hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
+        prompts += json.loads(Path(file).read_text())
+    path.write_text(json.dumps(prompts, indent=0) + "\n")
+
+
+def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:
+    """Shuffle with `seed`, keep the first `num_prompts` (capped at the set's size, with a warning)."""
+    if num_prompts > len(prompts):
+        warnings.warn(f"--num-prompts {num_prompts} is more than the set's {len(prompts)} prompts; using all.")
+        num_prompts = len(prompts)
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:num_prompts]]
+
+
+def rank_prompt_indices(num_prompts: int, rank: int, world_size: int) -> list[int]:
+    """Round-robin dealing of prompt indices to ranks."""
+    return list(range(rank, num_prompts, world_size))
+
+
+def image_seed(base: int, prompt_index: int, num_repeats: int, repeat: int) -> int:
+    return base + prompt_index * num_repeats + repeat
+
+
+def diversity(embeddings: torch.Tensor) -> float:
+    """Mean over all pairs of a prompt's repeats of the squared L2 distance between their embeddings: (R, D) → float."""
+    pairs = list(itertools.combinations(range(embeddings.shape[0]), 2))
+    return float(np.mean([(embeddings[i] - embeddings[j]).pow(2).sum().item() for i, j in pairs]))
+
+
+@dataclass
+class Metric:
+    name: str
+    score: Callable[[torch.Tensor, list[str]], torch.Tensor]  # uint8 images, prompts → (N,) or (N, D) embeddings
+
+
+def build_metrics(names: tuple[str, ...], device: torch.device, tiny: bool, vlm_model_name: str) -> list[Metric]:
+    """One scorer per metric, each model loaded once; the VLM metrics share one VLM."""
+    from fdfo.rewards.clip_score import ClipScore
+    from fdfo.rewards.twins import tiny_clip, tiny_qwen_vl
+    from fdfo.rewards.vlm import YesNoVlm
+    metrics, vlm = [], None
+    for seed, name in enumerate(names):
+        if name in CLIP_METRICS:
+            scorer = ClipScore(*tiny_clip(seed=seed), device) if tiny else ClipScore.from_pretrained(
+                *CLIP_METRICS[name], device)
+            metrics.append(Metric(name, scorer))
+        elif name in VLM_QUESTIONS:
+            if vlm is None:
+                vlm = YesNoVlm(*tiny_qwen_vl(), device) if tiny else YesNoVlm.from_pretrained(vlm_model_name, device,
+                                                                                              shard=False)
+            question = VLM_QUESTIONS[name]
+            metrics.append(Metric(name, lambda images, prompts, vlm=vlm, question=question: vlm.score(
+                images, [question.format(prompt=p) for p in prompts], resize=None)))
+        elif name == "dreamsim_diversity":
+            metrics.append(Metric(name, dreamsim_embedder(device, tiny)))
+    return metrics
+
+
+def dreamsim_embedder(device: torch.device, tiny: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """DreamSim embeddings (the real model downloads its backbones on first use; tiny: a fixed random projection)."""
+    if tiny:
+        projection = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0))
+        return lambda images, prompts: torch.nn.functional.normalize(torch.nn.functional.interpolate(
+            images.float() / 255, size=(16, 16), mode="area").flatten(1) @ projection, dim=-1)
+    from dreamsim import dreamsim
+    from PIL import Image
+    model, preprocess = dreamsim(pretrained=True, device=str(device))
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        batch = torch.cat([preprocess(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images.cpu()])
+        return model.embed(batch.to(device)).float()
+    return embed
+
+
+def evaluate(cfg: MetricsConfig) -> dict:
+    """Run the evaluation; rank 0 prints the table, writes --out and returns the results."""
+    check_request(cfg)
+    start = time.time()
+    tiny = cfg.pretrained_model == "tiny"
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    device = distributed.init()
+    prompts = select_prompts(prompt_set(cfg.prompt_set, tiny), cfg.num_prompts, cfg.prompt_seed)
+
+    # Generate this rank's images with the plain pipeline.
+    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
+    if checkpoint is not None:
+        attach_lora_from(pipe.transformer, checkpoint)
+    mine = rank_prompt_indices(len(prompts), distributed.rank(), distributed.world_size())
+    jobs = [(i, r) for i in mine for r in range(cfg.num_repeats)]
+    images = generate_images(pipe, [prompts[i] for i, _ in jobs],
+                             [image_seed(cfg.image_seed, i, cfg.num_repeats, r) for i, r in jobs],
+                             cfg.num_solver_steps, cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length,
+                             cfg.batch_size)
+    del pipe
+
+    # Score them with every metric, in batches; gather (prompt index, repeat, value) from all ranks.
+    results = {}
+    for metric in build_metrics(cfg.metrics, device, tiny, cfg.vlm_model_name):
+        values = torch.cat([metric.score(images[k:k + cfg.batch_size], [prompts[i] for i, _ in jobs[k:k + cfg.batch_size]])
+                            .float().cpu() for k in range(0, len(jobs), cfg.batch_size)]) if jobs else torch.empty(0)
+        gathered = [row for part in distributed.all_gather_objects(list(zip(jobs, values.tolist()))) for row in part]
+        results[metric.name] = summarise(metric.name, gathered)
+
+    report = {"config": to_jsonable(cfg), "checkpoint": str(checkpoint) if checkpoint else None,
+              "num_prompts": len(prompts), "world_size": distributed.world_size(),
+              "elapsed_s": time.time() - start, "results": results}
+    if distributed.is_main():
+        print_table(results)
+        if cfg.out is not None:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def summarise(name: str, rows: list) -> dict:
+    """Mean over images (or, for diversity, over prompts of the mean pairwise distance of their repeats)."""
+    if name == "dreamsim_diversity":
+        per_prompt: dict[int, list] = {}
+        for (i, r), embedding in sorted(rows):
+            per_prompt.setdefault(i, []).append(embedding)
+        values = [diversity(torch.tensor(e)) for e in per_prompt.values()]
+    else:
+        values = [v for _, v in rows]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "count": len(values)}
+
+
+def print_table(results: dict) -> None:
+    print(f"{'metric':<20} {'mean':>10} {'std':>10} {'count':>7}")
+    for name, r in results.items():
+        print(f"{name:<20} {r['mean']:>10.4f} {r['std']:>10.4f} {r['count']:>7}")

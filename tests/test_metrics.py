@@ -1,0 +1,69 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdfo.cli import parse
+from fdfo.config import ConfigError, MetricsConfig
+from fdfo.evaluation import diversity, evaluate, image_seed, rank_prompt_indices, select_prompts, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--pretrained-model", "tiny", "--prompt-set", "pickscore_train", "--num-prompts", "5", "--num-repeats", "2",
+         "--num-solver-steps", "2", "--resolution", "32", "--batch-size", "3",
+         "--metrics", "pickscore", "vlm_alignment", "dreamsim_diversity"]
+
+
+def test_seed_formula_and_round_robin_dealing():
+    assert image_seed(100, prompt_index=3, num_repeats=4, repeat=2) == 100 + 3 * 4 + 2
+    assert rank_prompt_indices(7, 0, 3) == [0, 3, 6] and rank_prompt_indices(7, 2, 3) == [2, 5]
+    dealt = sorted(i for r in range(4) for i in rank_prompt_indices(10, r, 4))
+    assert dealt == list(range(10))
+
+
+def test_prompt_selection_is_seeded_and_capped():
+    prompts = [f"p{i}" for i in range(10)]
+    assert select_prompts(prompts, 4, seed=1) == select_prompts(prompts, 4, seed=1)
+    assert select_prompts(prompts, 4, seed=1) != select_prompts(prompts, 4, seed=2)
+    with pytest.warns(UserWarning, match="more than the set's 10 prompts"):
+        assert sorted(select_prompts(prompts, 50, seed=0)) == sorted(prompts)
+
+
+def test_diversity_formula_by_hand():
+    e = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    # pairs: |e0−e1|² = 1, |e0−e2|² = 4, |e1−e2|² = 1 + 4 = 5 → mean 10/3
+    assert diversity(e) == pytest.approx(10 / 3)
+    rows = [((0, 0), [0.0, 0.0]), ((0, 1), [1.0, 0.0]), ((1, 0), [0.0, 0.0]), ((1, 1), [0.0, 3.0])]
+    assert summarise("dreamsim_diversity", rows) == {"mean": pytest.approx(5.0), "std": pytest.approx(4.0), "count": 2}
+
+
+def test_diversity_needs_two_repeats_before_any_model_loads():
+    cfg = parse(MetricsConfig, ["--pretrained-model", "no-such/model", "--metrics", "dreamsim_diversity"])
+    with pytest.raises(ConfigError, match="--num-repeats 2 or more"):
+        evaluate(cfg)
+
+
+def test_unknown_metric_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        parse(MetricsConfig, ["--metrics", "fid"])
+    assert "dreamsim_diversity" in capsys.readouterr().err
+
+
+def test_two_ranks_give_the_single_rank_results(tmp_path):
+    single = evaluate(parse(MetricsConfig, [*SMALL, "--out", str(tmp_path / "new" / "one.json")]))
+    report = json.loads((tmp_path / "new" / "one.json").read_text())
+    assert {"config", "checkpoint", "num_prompts", "world_size", "elapsed_s", "results"} <= report.keys()
+    assert report["results"]["pickscore"]["count"] == 10 and report["results"]["dreamsim_diversity"]["count"] == 5
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "metrics.py"), *SMALL, "--out", str(tmp_path / "two.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2
+    for name, r in single["results"].items():
+        assert two["results"][name]["count"] == r["count"]
+        assert two["results"][name]["mean"] == pytest.approx(r["mean"], rel=1e-4), name
