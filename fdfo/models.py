@@ -10,6 +10,8 @@ from diffusers import StableDiffusion3Pipeline
 from fdfo import tiny
 
 RANDOM_MODELS = {"tiny": "tiny", "sd35m-random": "sd35m"}
+# The reward models that go with a random base model: tiny twins, or full-size random weights.
+REWARD_TWINS = {"tiny": "tiny", "sd35m-random": "full"}
 
 
 class ModelLoadError(RuntimeError):

@@ -20,7 +20,7 @@ from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
 from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
 from fdfo.exchange import fetch_items, rank_slice, step_items
 from fdfo.lora import attach_lora, load_lora
-from fdfo.models import compute_dtype, load_pipeline
+from fdfo.models import REWARD_TWINS, compute_dtype, load_pipeline
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.rewards import Reward, build_reward
 from fdfo.runlog import RunLog, new_run_dir
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser.
     pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
     lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-    reward = build_reward(cfg.reward_preset, device, tiny=cfg.pretrained_model == "tiny",
+    reward = build_reward(cfg.reward_preset, device, twins=REWARD_TWINS.get(cfg.pretrained_model),
                           vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp)
     optimizer = make_optimizer(lora, cfg.train)
     start_epoch, optimizer_steps = 0, 0

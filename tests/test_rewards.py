@@ -57,21 +57,21 @@ def test_vlm_sharded_over_two_ranks_equals_one_process(tmp_path):
 
 
 def test_combined_preset_is_the_weighted_sum_of_its_terms():
-    reward = build_reward("combined", CPU, tiny=True)
+    reward = build_reward("combined", CPU, twins="tiny")
     out = reward(images(), PROMPTS)
     assert [(t.name, t.weight) for t in reward.terms] == PRESETS["combined"] == [("pickscore", 1.0), ("vlm_alignment", 0.1)]
     torch.testing.assert_close(out.total, out.terms["pickscore"] + 0.1 * out.terms["vlm_alignment"])
 
 
 def test_long_and_empty_prompts_are_scored():
-    reward = build_reward("combined", CPU, tiny=True)
+    reward = build_reward("combined", CPU, twins="tiny")
     out = reward(images(2), ["word " * 300, ""])
     assert torch.isfinite(out.total).all()
 
 
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="valid presets are: pickscore, vlm_alignment, combined, compressibility"):
-        build_reward("aesthetic", CPU, tiny=True)
+        build_reward("aesthetic", CPU, twins="tiny")
 
 
 def test_yes_and_no_must_be_single_tokens():

@@ -63,22 +63,27 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError("Rewards take float images with values in [0, 1]; convert uint8 images with x / 255.")
 
 
-def build_scorer(name: str, device: torch.device, tiny: bool, vlm_model_name: str, shard_vlm: bool) -> Scorer:
-    """The scorer of a reward term; with `tiny`, model-based terms use random-weight twins (offline)."""
+def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_name: str, shard_vlm: bool) -> Scorer:
+    """The scorer of a reward term. `twins`: None = the real models; "tiny" = tiny random twins (offline
+    tests); "full" = random weights with the real shapes (GPU benchmarks)."""
     if name == "compressibility":
         from fdfo.rewards.compressibility import Compressibility
         return Compressibility()
     if name == "pickscore":
         from fdfo.rewards.clip_score import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, ClipScore
         from fdfo.rewards.twins import tiny_clip
-        if tiny:
-            return ClipScore(*tiny_clip(), device)
+        if twins:
+            return ClipScore(*tiny_clip(size=twins, device=device), device)
         return ClipScore.from_pretrained(PICKSCORE_MODEL, PICKSCORE_PROCESSOR, device)
     if name == "vlm_alignment":
         from fdfo.rewards.twins import tiny_qwen_vl
         from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm
-        vlm = (YesNoVlm(*tiny_qwen_vl(), device, shard=shard_vlm) if tiny
-               else YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm))
+        if twins:
+            dtype = torch.bfloat16 if twins == "full" else torch.float32
+            size = "7b" if twins == "full" else "tiny"
+            vlm = YesNoVlm(*tiny_qwen_vl(size=size, device=device, dtype=dtype), device, shard=shard_vlm)
+        else:
+            vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm)
         return lambda images, prompts: vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts],
                                                  resize=504)
     raise ValueError(f"Unknown reward term `{name}`; valid terms are: {', '.join(sorted(valid_terms()))}.")
@@ -88,14 +93,14 @@ def valid_terms() -> set[str]:
     return {name for terms in PRESETS.values() for name, _ in terms}
 
 
-def build_reward(preset: str, device: torch.device, tiny: bool = False, vlm_model_name: str = "qwenvl-7b",
+def build_reward(preset: str, device: torch.device, twins: str | None = None, vlm_model_name: str = "qwenvl-7b",
                  shard_vlm: bool = True) -> Reward:
-    """The reward of a preset; `tiny` swaps every model-based term for its random-weight offline twin.
+    """The reward of a preset; `twins` ("tiny" or "full") swaps model-based terms for random-weight twins.
 
     With several ranks and `shard_vlm`, the VLM's parameters are sharded over the ranks (FSDP2): every
     rank must then score the same number of batches, which the epoch guarantees.
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown reward preset `{preset}`; valid presets are: {', '.join(PRESETS)}.")
-    return Reward([RewardTerm(name, weight, build_scorer(name, device, tiny, vlm_model_name, shard_vlm))
+    return Reward([RewardTerm(name, weight, build_scorer(name, device, twins, vlm_model_name, shard_vlm))
                    for name, weight in PRESETS[preset]])

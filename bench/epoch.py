@@ -1,0 +1,101 @@
+"""Epoch benchmark on a GPU: the real training loop (fdfo.train_loop.train) at SD3.5-M shapes with random weights.
+
+python bench/epoch.py --out bench/results/epoch.json -- --total-pairs-per-epoch 24 --num-epochs 1
+(everything after `--` goes to train.py's parser; `--pretrained-model sd35m-random` and the offline
+prompt file are set here, so the reward models are random full-size PickScore and Qwen2.5-VL-7B.)
+
+Reports per phase (from the run's own training_log.jsonl): wall time, peak VRAM, pairs/s; FLOPs of the
+transformer counted once with torch's FlopCounterMode; MFU against a bf16 matmul peak measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fdfo.cli import parse_train_config  # noqa: E402
+from fdfo.runlog import read_log  # noqa: E402
+from fdfo.train_loop import train  # noqa: E402
+
+
+def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def transformer_flops(resolution: int, text_tokens: int) -> tuple[float, float]:
+    """(forward, LoRA forward+backward) FLOPs per sample of the SD3.5-M transformer, counted on the meta device."""
+    from fdfo.lora import attach_lora
+    from fdfo.tiny import sd35m_transformer
+    model = attach_lora(sd35m_transformer("meta"))
+    side = resolution // 8
+    x = torch.randn(1, 16, side, side, device="meta")
+    kwargs = dict(timestep=torch.ones(1, device="meta"), encoder_hidden_states=torch.randn(1, text_tokens, 4096, device="meta"),
+                  pooled_projections=torch.randn(1, 2048, device="meta"), return_dict=False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(hidden_states=x, **kwargs)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model(hidden_states=x, **kwargs)[0].float().pow(2).mean().backward()
+    return forward, counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args, train_args = parser.parse_known_args()
+    train_args = [a for a in train_args if a != "--"]
+    peak = matmul_peak_tflops()
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = parse_train_config(["--pretrained-model", "sd35m-random", "--prompt-file", "prompt_sets/demo.txt",
+                                  "--runs-dir", runs, "--save-freq", "1000", *train_args])
+        start = time.perf_counter()
+        run_dir = train(cfg)
+        total = time.perf_counter() - start
+        log = read_log(run_dir)
+        plan = json.loads((run_dir / "config.json").read_text())["batch_plan"]
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    steps = [r for r in log if r["kind"] == "step"]
+    forward, train_step = transformer_flops(cfg.sample.resolution or 512, 77 + cfg.sample.max_sequence_length)
+    T, pairs = cfg.sample.num_solver_steps, plan["pairs_per_rank"] * plan["world_size"]
+    guidance = 2 if cfg.sample.guidance_scale != 1 else 1
+    last = epochs[-1]
+    flops = {"sample": 2 * pairs * T * forward * guidance, "train": 2 * pairs * T * train_step * guidance}
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul_peak_tflops": peak,
+        "argv": sys.argv[1:], "batch_plan": plan, "wall_s_including_model_build": total,
+        "transformer_tflop_per_sample": {"forward": forward / 1e12, "lora_forward_backward": train_step / 1e12},
+        "last_epoch": last, "ratio_dev_first_micro_batch": [s.get("ratio_dev_first_micro_batch") for s in steps if
+                                                            "ratio_dev_first_micro_batch" in s],
+        "mfu": {phase: flops[phase] / last[f"time_{phase}"] / 1e12 / peak for phase in flops},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"\n{'phase':<10} {'seconds':>9} {'peak GiB':>9}")
+    for key, value in last.items():
+        if key.startswith("time_"):
+            phase = key[5:]
+            print(f"{phase:<10} {value:>9.2f} {last.get(f'peak_vram_gib_{phase}', float('nan')):>9.1f}")
+    print(f"pairs/s {last['pairs_per_s']:.3f}; MFU sample {result['mfu']['sample']:.2f}, "
+          f"train {result['mfu']['train']:.2f} (bf16 matmul peak {peak:.0f} TFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
