@@ -18,7 +18,7 @@ from fdfo.config import PROJECT_ROOT, ConfigError, MetricsConfig, to_jsonable
 from fdfo.generation import generate_images
 from fdfo.hub import resolve_checkpoint
 from fdfo.lora import attach_lora_from
-from fdfo.models import compute_dtype, load_pipeline
+from fdfo.models import REWARD_TWINS, compute_dtype, load_pipeline
 from fdfo.prompts import load_prompts
 
 PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
@@ -48,9 +48,9 @@ def check_request(cfg: MetricsConfig) -> None:
 
 
 def prompt_set(name: str, offline: bool) -> list[str]:
-    """The prompts of a set; with `offline` (the tiny model) our own demo prompts stand in for it."""
+    """The prompts of a set; with `offline` (a random-weight model) our own demo prompts stand in for it."""
     if offline:
-        distributed.print0(f"--pretrained-model tiny: using the offline prompts {OFFLINE_PROMPTS} for `{name}`.")
+        distributed.print0(f"Random-weight model: using the offline prompts {OFFLINE_PROMPTS} for `{name}`.")
         return load_prompts(OFFLINE_PROMPTS)
     path = PROMPT_SETS[name]
     if name == "hpdv2" and not path.exists():
@@ -102,32 +102,33 @@ class Metric:
     score: Callable[[torch.Tensor, list[str]], torch.Tensor]  # uint8 images, prompts → (N,) or (N, D) embeddings
 
 
-def build_metrics(names: tuple[str, ...], device: torch.device, tiny: bool, vlm_model_name: str) -> list[Metric]:
-    """One scorer per metric, each model loaded once; the VLM metrics share one VLM."""
+def build_metrics(names: tuple[str, ...], device: torch.device, twins: str | None, vlm_model_name: str) -> list[Metric]:
+    """One scorer per metric, each model loaded once; the VLM metrics share one VLM.
+    `twins` ("tiny" or "full"): random-weight stand-ins, as for the rewards."""
     from fdfo.rewards.clip_score import ClipScore
-    from fdfo.rewards.twins import tiny_clip, tiny_qwen_vl
+    from fdfo.rewards.twins import tiny_clip, vlm_twin
     from fdfo.rewards.vlm import YesNoVlm
     metrics, vlm = [], None
     for seed, name in enumerate(names):
         if name in CLIP_METRICS:
-            scorer = ClipScore(*tiny_clip(seed=seed), device) if tiny else ClipScore.from_pretrained(
-                *CLIP_METRICS[name], device)
+            scorer = ClipScore(*tiny_clip(seed=seed, size=twins, device=device), device) if twins else \
+                ClipScore.from_pretrained(*CLIP_METRICS[name], device)
             metrics.append(Metric(name, scorer))
         elif name in VLM_QUESTIONS:
             if vlm is None:
-                vlm = YesNoVlm(*tiny_qwen_vl(), device) if tiny else YesNoVlm.from_pretrained(vlm_model_name, device,
-                                                                                              shard=False)
+                vlm = (YesNoVlm(*vlm_twin(twins, device), device) if twins
+                       else YesNoVlm.from_pretrained(vlm_model_name, device, shard=False))
             question = VLM_QUESTIONS[name]
             metrics.append(Metric(name, lambda images, prompts, vlm=vlm, question=question: vlm.score(
                 images, [question.format(prompt=p) for p in prompts], resize=None)))
         elif name == "dreamsim_diversity":
-            metrics.append(Metric(name, dreamsim_embedder(device, tiny)))
+            metrics.append(Metric(name, dreamsim_embedder(device, random=twins is not None)))
     return metrics
 
 
-def dreamsim_embedder(device: torch.device, tiny: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
-    """DreamSim embeddings (the real model downloads its backbones on first use; tiny: a fixed random projection)."""
-    if tiny:
+def dreamsim_embedder(device: torch.device, random: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """DreamSim embeddings (the real model downloads its backbones on first use; `random`: a fixed random projection)."""
+    if random:
         projection = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0))
         return lambda images, prompts: torch.nn.functional.normalize(torch.nn.functional.interpolate(
             images.float() / 255, size=(16, 16), mode="area").flatten(1) @ projection, dim=-1)
@@ -146,10 +147,10 @@ def evaluate(cfg: MetricsConfig) -> dict:
     """Run the evaluation; rank 0 prints the table, writes --out and returns the results."""
     check_request(cfg)
     start = time.time()
-    tiny = cfg.pretrained_model == "tiny"
+    twins = REWARD_TWINS.get(cfg.pretrained_model)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     device = distributed.init()
-    prompts = select_prompts(prompt_set(cfg.prompt_set, tiny), cfg.num_prompts, cfg.prompt_seed)
+    prompts = select_prompts(prompt_set(cfg.prompt_set, twins is not None), cfg.num_prompts, cfg.prompt_seed)
 
     # Generate this rank's images with the plain pipeline.
     pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
@@ -165,7 +166,7 @@ def evaluate(cfg: MetricsConfig) -> dict:
 
     # Score them with every metric, in batches; gather (prompt index, repeat, value) from all ranks.
     results = {}
-    for metric in build_metrics(cfg.metrics, device, tiny, cfg.vlm_model_name):
+    for metric in build_metrics(cfg.metrics, device, twins, cfg.vlm_model_name):
         values = torch.cat([metric.score(images[k:k + cfg.batch_size], [prompts[i] for i, _ in jobs[k:k + cfg.batch_size]])
                             .float().cpu() for k in range(0, len(jobs), cfg.batch_size)]) if jobs else torch.empty(0)
         gathered = [row for part in distributed.all_gather_objects(list(zip(jobs, values.tolist()))) for row in part]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,15 @@ class PromptStream:
 
     def __init__(self, prompts: list[str], seed: int, pairs_per_epoch: int):
         self.prompts, self.seed, self.pairs_per_epoch = prompts, seed, pairs_per_epoch
+        self._shuffles: dict[int, np.ndarray] = {}
 
-    @lru_cache(maxsize=4)
     def _shuffle(self, cycle: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, cycle]).permutation(len(self.prompts))
+        """The order of pass `cycle` over the prompt file (the latest few are kept)."""
+        if cycle not in self._shuffles:
+            if len(self._shuffles) >= 4:
+                self._shuffles.pop(min(self._shuffles))
+            self._shuffles[cycle] = np.random.default_rng([self.seed, cycle]).permutation(len(self.prompts))
+        return self._shuffles[cycle]
 
     def position(self, epoch: int) -> int:
         """Prompts drawn before `epoch` (the stream position a checkpoint records)."""

@@ -26,10 +26,6 @@ class PromptEmbeds:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return PromptEmbeds(pick(self.embeds), pick(self.pooled), pick(self.uncond_embeds), pick(self.uncond_pooled))
 
-    def to(self, device: torch.device) -> PromptEmbeds:
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return PromptEmbeds(move(self.embeds), move(self.pooled), move(self.uncond_embeds), move(self.uncond_pooled))
-
 
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance_scale: float,

@@ -76,12 +76,10 @@ def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_n
             return ClipScore(*tiny_clip(size=twins, device=device), device)
         return ClipScore.from_pretrained(PICKSCORE_MODEL, PICKSCORE_PROCESSOR, device)
     if name == "vlm_alignment":
-        from fdfo.rewards.twins import tiny_qwen_vl
+        from fdfo.rewards.twins import vlm_twin
         from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm
         if twins:
-            dtype = torch.bfloat16 if twins == "full" else torch.float32
-            size = "7b" if twins == "full" else "tiny"
-            vlm = YesNoVlm(*tiny_qwen_vl(size=size, device=device, dtype=dtype), device, shard=shard_vlm)
+            vlm = YesNoVlm(*vlm_twin(twins, device), device, shard=shard_vlm)
         else:
             vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm)
         return lambda images, prompts: vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts],

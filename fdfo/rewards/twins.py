@@ -107,3 +107,10 @@ def tiny_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str =
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
     return model, processor
+
+
+def vlm_twin(twins: str, device: torch.device | str):
+    """The VLM stand-in for `twins`: "tiny" (float32, CPU tests) or "full" (Qwen2.5-VL-7B shapes, bf16)."""
+    if twins == "full":
+        return tiny_qwen_vl(size="7b", device=device, dtype=torch.bfloat16)
+    return tiny_qwen_vl(device=device)
