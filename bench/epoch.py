@@ -83,7 +83,8 @@ def main():
         "transformer_tflop_per_sample": {"forward": forward / 1e12, "lora_forward_backward": train_step / 1e12},
         "last_epoch": last, "ratio_dev_first_micro_batch": [s.get("ratio_dev_first_micro_batch") for s in steps if
                                                             "ratio_dev_first_micro_batch" in s],
-        "mfu": {phase: flops[phase] / last[f"time_{phase}"] / 1e12 / peak for phase in flops},
+        # Per GPU: each rank does 1/world_size of the epoch's FLOPs in the phase's time.
+        "mfu": {phase: flops[phase] / plan["world_size"] / last[f"time_{phase}"] / 1e12 / peak for phase in flops},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,7 +32,7 @@ class SampleConfig:
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
     churn_weight: float = 0.0025  # churn strength γ of the initial perturbation and of every step but the last
     batch_size: int | None = None  # pairs per sampling batch on each rank; None = derived from the pairs per rank
-    resolution: int | None = None  # image side in pixels; None = the model's default (512 for SD3.5-M, 64 for tiny)
+    resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     max_sequence_length: int = 128  # T5 tokens of the prompt
 
 
@@ -96,7 +96,7 @@ class GenerateConfig:
     grid_rows: int = 2  # image rows per prompt
     grid_cols: int = 2  # image columns per prompt
     seed: int = 0  # seed of the first image; image k uses seed + k
-    resolution: int | None = None  # image side in pixels; None = the model's default
+    resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     num_solver_steps: int = 40  # Euler steps
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
     batch_size: int = 4  # images per forward batch
@@ -124,7 +124,7 @@ class MetricsConfig:
     image_seed: int = 0  # image seeds are image_seed + prompt_index · num_repeats + repeat
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM metrics
-    resolution: int | None = None  # image side in pixels; None = the model's default
+    resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     num_solver_steps: int = 40  # Euler steps
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
     batch_size: int = 4  # images per forward batch

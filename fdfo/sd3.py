@@ -83,5 +83,9 @@ def latent_shape(pipe: StableDiffusion3Pipeline, resolution: int | None) -> tupl
     return (pipe.transformer.config.in_channels, side, side)
 
 
+PAPER_RESOLUTION = 512  # pixels; SD3.5-M's own config would give 1024 (sample_size 128), the paper samples at 512
+
+
 def default_resolution(pipe: StableDiffusion3Pipeline) -> int:
-    return pipe.default_sample_size * pipe.vae_scale_factor
+    """The paper's 512 px, or the model's own size where that is smaller (the tiny model's 64 px)."""
+    return min(PAPER_RESOLUTION, pipe.default_sample_size * pipe.vae_scale_factor)

@@ -87,3 +87,13 @@ def test_unreachable_hub_model_says_what_to_do():
         load_pipeline("stabilityai/stable-diffusion-3.5-medium", torch.device("cpu"), torch.bfloat16)
     message = str(err.value)
     assert "hf auth login" in message and "accepted the licence" in message and "--pretrained-model tiny" in message
+
+
+def test_default_resolution_is_the_papers_512_px(tiny_pipe):
+    from fdfo.sd3 import default_resolution, latent_shape
+    from fdfo.tiny import SD35M_TRANSFORMER
+    assert default_resolution(tiny_pipe) == 64 and latent_shape(tiny_pipe, None) == (16, 8, 8)
+
+    class SD35M:  # SD3.5-M's config says sample_size 128 (1024 px); the paper samples at 512 px
+        default_sample_size, vae_scale_factor = SD35M_TRANSFORMER["sample_size"], 8
+    assert default_resolution(SD35M) == 512
