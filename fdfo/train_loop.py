@@ -102,6 +102,10 @@ def train(cfg: TrainConfig) -> Path:
         restore_rng_states(state["rng"])
         start_epoch, optimizer_steps = state["epochs_done"], state["optimizer_steps"]
         distributed.print0(f"Resumed from {resume}: {start_epoch} epochs and {optimizer_steps} steps done.")
+        if (state["seed"], state["total_pairs"]) != (cfg.seed, plan.total_pairs):
+            distributed.print0(f"Warning: the checkpoint was trained with seed {state['seed']} and "
+                               f"{state['total_pairs']} pairs per epoch, this run uses {cfg.seed} and "
+                               f"{plan.total_pairs}: it continues, but not as the uninterrupted run would have.")
     model = DistributedDataParallel(pipe.transformer) if distributed.world_size() > 1 else pipe.transformer
     log = RunLog(run_dir, to_jsonable(cfg), cfg.log_wandb, resume_epoch=start_epoch if resume else None)
 
@@ -111,12 +115,13 @@ def train(cfg: TrainConfig) -> Path:
             timer, epoch_start = PhaseTimer(device), time.perf_counter()
 
             # Sample pairs and score them (paper §2, §6).
-            set_text_encoders_device(pipe, device, cfg.memory_efficient)
+            if cfg.memory_efficient:
+                move_text_encoders(pipe, device)
             samples = sample_and_score(pipe, reward, stream, cfg, plan, epoch, timer)
+            if cfg.memory_efficient:
+                move_text_encoders(pipe, torch.device("cpu"))
 
             # Turn rewards into finite-difference targets and share them with every rank (§3).
-            set_text_encoders_device(pipe, torch.device("cpu") if cfg.memory_efficient else device,
-                                     cfg.memory_efficient)
             with timer("share"):
                 signal = share_signal(samples)
 
@@ -167,11 +172,10 @@ def make_optimizer(lora: torch.nn.Module, train: TrainPhaseConfig) -> torch.opti
                              eps=train.adam_eps, weight_decay=train.weight_decay)
 
 
-def set_text_encoders_device(pipe: Any, device: torch.device, memory_efficient: bool) -> None:
-    """With memory_efficient, the text encoders live on the CPU while training and come back to sample."""
-    if memory_efficient:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            encoder.to(device)
+def move_text_encoders(pipe: Any, device: torch.device) -> None:
+    """With --memory-efficient the text encoders live on the CPU while training and come back to sample."""
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        encoder.to(device)
 
 
 def sample_and_score(pipe: Any, reward: Reward, stream: PromptStream, cfg: TrainConfig, plan: BatchPlan,
