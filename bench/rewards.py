@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo import distributed  # noqa: E402
 from fdfo.rewards.clip_score import ClipScore  # noqa: E402
-from fdfo.rewards.twins import tiny_clip, tiny_qwen_vl  # noqa: E402
+from fdfo.rewards.twins import random_clip, random_qwen_vl  # noqa: E402
 from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm  # noqa: E402
 
 PROMPT = "a photograph of a red fox sitting in fresh snow under a pine tree, golden hour, highly detailed"
@@ -52,7 +52,7 @@ def main():
 
     if not args.shard:
         torch.cuda.reset_peak_memory_stats(device)
-        pick = ClipScore(*tiny_clip(size="full", device=device), device)
+        pick = ClipScore(*random_clip(size="full", device=device), device)
         torch.cuda.reset_peak_memory_stats(device)
         seconds = timed(lambda: pick(images, prompts), device)
         results["pickscore"] = {"ms_per_batch": 1000 * seconds, "ms_per_image": 1000 * seconds / args.batch,
@@ -60,7 +60,7 @@ def main():
         del pick
         torch.cuda.empty_cache()
 
-    model, processor = tiny_qwen_vl(size="7b", device=device, dtype=torch.bfloat16)
+    model, processor = random_qwen_vl(size="7b", device=device, dtype=torch.bfloat16)
     vlm = YesNoVlm(model, processor, device, shard=args.shard)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

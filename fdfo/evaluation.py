@@ -15,10 +15,9 @@ import torch
 
 from fdfo import distributed
 from fdfo.config import PROJECT_ROOT, ConfigError, MetricsConfig, to_jsonable
-from fdfo.generation import generate_images
+from fdfo.generation import generate_images, load_with_checkpoint
 from fdfo.hub import resolve_checkpoint
-from fdfo.lora import attach_lora_from
-from fdfo.models import REWARD_TWINS, compute_dtype, load_pipeline
+from fdfo.models import REWARD_TWINS
 from fdfo.prompts import load_prompts
 
 PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
@@ -106,12 +105,12 @@ def build_metrics(names: tuple[str, ...], device: torch.device, twins: str | Non
     """One scorer per metric, each model loaded once; the VLM metrics share one VLM.
     `twins` ("tiny" or "full"): random-weight stand-ins, as for the rewards."""
     from fdfo.rewards.clip_score import ClipScore
-    from fdfo.rewards.twins import tiny_clip, vlm_twin
+    from fdfo.rewards.twins import random_clip, vlm_twin
     from fdfo.rewards.vlm import YesNoVlm
     metrics, vlm = [], None
     for seed, name in enumerate(names):
         if name in CLIP_METRICS:
-            scorer = ClipScore(*tiny_clip(seed=seed, size=twins, device=device), device) if twins else \
+            scorer = ClipScore(*random_clip(seed=seed, size=twins, device=device), device) if twins else \
                 ClipScore.from_pretrained(*CLIP_METRICS[name], device)
             metrics.append(Metric(name, scorer))
         elif name in VLM_QUESTIONS:
@@ -153,9 +152,7 @@ def evaluate(cfg: MetricsConfig) -> dict:
     prompts = select_prompts(prompt_set(cfg.prompt_set, twins is not None), cfg.num_prompts, cfg.prompt_seed)
 
     # Generate this rank's images with the plain pipeline.
-    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
-    if checkpoint is not None:
-        attach_lora_from(pipe.transformer, checkpoint)
+    pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, device)
     mine = rank_prompt_indices(len(prompts), distributed.rank(), distributed.world_size())
     jobs = [(i, r) for i in mine for r in range(cfg.num_repeats)]
     images = generate_images(pipe, [prompts[i] for i, _ in jobs],

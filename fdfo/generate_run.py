@@ -6,11 +6,9 @@ from pathlib import Path
 
 from fdfo import distributed
 from fdfo.config import PROJECT_ROOT, GenerateConfig
-from fdfo.generation import generate_images
+from fdfo.generation import generate_images, load_with_checkpoint
 from fdfo.grid import make_grid
 from fdfo.hub import resolve_checkpoint
-from fdfo.lora import attach_lora_from
-from fdfo.models import compute_dtype, load_pipeline
 from fdfo.prompts import load_prompts
 
 DEFAULT_PROMPTS = PROJECT_ROOT / "prompt_sets" / "generate_default.txt"
@@ -20,11 +18,7 @@ def generate(cfg: GenerateConfig) -> Path:
     """Write the grid to cfg.out and return its path."""
     prompts = load_prompts(cfg.prompts or DEFAULT_PROMPTS)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
-    device = distributed.init()
-    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
-    if checkpoint is not None:
-        attach_lora_from(pipe.transformer, checkpoint)
-        print(f"LoRA from {checkpoint}", flush=True)
+    pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
     per_prompt = cfg.grid_rows * cfg.grid_cols
     images = generate_images(pipe, [p for p in prompts for _ in range(per_prompt)],
                              [cfg.seed + k for _ in prompts for k in range(per_prompt)], cfg.num_solver_steps,

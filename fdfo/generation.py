@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import StableDiffusion3Pipeline
 from tqdm import tqdm
 
 from fdfo import distributed
+from fdfo.lora import attach_lora_from
+from fdfo.models import compute_dtype, load_pipeline
 from fdfo.sd3 import default_resolution, latent_shape
+
+
+def load_with_checkpoint(pretrained_model: str, precision: str, checkpoint: Path | None,
+                         device: torch.device) -> StableDiffusion3Pipeline:
+    """The base pipeline, with the LoRA of `checkpoint` (a resolved adapter folder) attached if given."""
+    pipe = load_pipeline(pretrained_model, device, compute_dtype(precision, device))
+    if checkpoint is not None:
+        attach_lora_from(pipe.transformer, checkpoint)
+        distributed.print0(f"LoRA from {checkpoint}")
+    return pipe
 
 
 @torch.no_grad()

@@ -5,6 +5,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -17,3 +21,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_pipe():
     """A fresh tiny SD3 pipeline (fp32, CPU); building one takes well under a second."""
     return random_pipeline("tiny")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(nproc: int, script: Path, *args: str) -> None:
+    """Run `script` under torchrun with `nproc` gloo ranks (one thread each, offline); fail with its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

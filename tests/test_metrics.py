@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +6,8 @@ import torch
 from fdfo.cli import parse
 from fdfo.config import ConfigError, MetricsConfig
 from fdfo.evaluation import diversity, evaluate, image_seed, rank_prompt_indices, select_prompts, summarise
+from tests.conftest import ROOT, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--pretrained-model", "tiny", "--prompt-set", "pickscore_train", "--num-prompts", "5", "--num-repeats", "2",
          "--num-solver-steps", "2", "--resolution", "32", "--batch-size", "3",
          "--metrics", "pickscore", "vlm_alignment", "dreamsim_diversity"]
@@ -57,11 +53,7 @@ def test_two_ranks_give_the_single_rank_results(tmp_path):
     report = json.loads((tmp_path / "new" / "one.json").read_text())
     assert {"config", "checkpoint", "num_prompts", "world_size", "elapsed_s", "results"} <= report.keys()
     assert report["results"]["pickscore"]["count"] == 10 and report["results"]["dreamsim_diversity"]["count"] == 5
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "metrics.py"), *SMALL, "--out", str(tmp_path / "two.json")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(2, ROOT / "metrics.py", *SMALL, "--out", str(tmp_path / "two.json"))
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2
     for name, r in single["results"].items():

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +6,9 @@ import torch
 
 from fdfo.rewards import PRESETS, build_reward
 from fdfo.rewards.clip_score import ClipScore
-from fdfo.rewards.twins import qwen_tokenizer, tiny_clip, tiny_qwen_vl
+from fdfo.rewards.twins import qwen_tokenizer, random_clip, random_qwen_vl
 from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm, single_token
+from tests.conftest import torchrun
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat", "an astronaut riding a horse on the moon, oil painting, highly detailed", ""]
@@ -21,7 +19,7 @@ def images(n=3, seed=0):
 
 
 def test_pickscore_twin_scores_batch_like_one_by_one():
-    score = ClipScore(*tiny_clip(), CPU)
+    score = ClipScore(*random_clip(), CPU)
     batch = score(images(), PROMPTS)
     assert batch.shape == (3,) and batch.dtype == torch.float32 and torch.isfinite(batch).all()
     single = torch.cat([score(images()[i:i + 1], [p]) for i, p in enumerate(PROMPTS)])
@@ -29,7 +27,7 @@ def test_pickscore_twin_scores_batch_like_one_by_one():
 
 
 def test_vlm_twin_scores_batch_like_one_by_one():
-    vlm = YesNoVlm(*tiny_qwen_vl(), CPU)
+    vlm = YesNoVlm(*random_qwen_vl(), CPU)
     questions = [TRAIN_QUESTION.format(prompt=p) for p in PROMPTS]  # different lengths: left padding matters
     batch = vlm.score(images(), questions, resize=504)
     assert batch.shape == (3,) and batch.dtype == torch.float32
@@ -40,13 +38,9 @@ def test_vlm_twin_scores_batch_like_one_by_one():
 
 
 def test_vlm_sharded_over_two_ranks_equals_one_process(tmp_path):
-    script = Path(__file__).parent / "vlm_shard_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     out = tmp_path / "scores"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    vlm = YesNoVlm(*tiny_qwen_vl(), CPU)
+    torchrun(2, Path(__file__).parent / "vlm_shard_worker.py", str(out))
+    vlm = YesNoVlm(*random_qwen_vl(), CPU)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"scores.{rank}.json").read_text())
         assert got["sharded"] is True

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ from fdfo.prompts import PromptFileError
 from fdfo.rewards import Reward, RewardTerm
 from fdfo.runlog import read_log
 from fdfo.train_loop import train
+from tests.conftest import ROOT, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 # A small but complete run: 8 pairs of 4-step trajectories at 32 px, 2 optimiser steps per epoch, the
 # paper's churn and a moderate learning rate (not the demo's, whose large Adam steps turn rounding-level
 # gradient differences in near-zero entries into visible weight differences).
@@ -35,13 +32,9 @@ def lora_weights(run_dir, epochs):
     return load_file(Path(run_dir) / "checkpoints" / f"epoch-{epochs:07d}" / "adapter_model.safetensors")
 
 
-def torchrun(nproc, runs_dir, *flags):
-    """train.py under torchrun with gloo ranks; later flags win over SMALL's."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *SMALL, "--runs-dir", str(runs_dir), *flags]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def run_ranks(nproc, runs_dir, *flags):
+    """train.py under torchrun with gloo ranks; later flags win over SMALL's. Returns the run folder."""
+    torchrun(nproc, ROOT / "train.py", *SMALL, "--runs-dir", str(runs_dir), *flags)
     (run_dir,) = Path(runs_dir).iterdir()
     return run_dir
 
@@ -49,7 +42,7 @@ def torchrun(nproc, runs_dir, *flags):
 def test_same_result_on_1_2_and_4_ranks(tmp_path):
     # A continuous reward (the tiny PickScore twin): JPEG sizes are whole bytes, so a rounding-level
     # difference in the LoRA can flip a compressibility reward and change the next epoch's signal.
-    runs = {n: torchrun(n, tmp_path / f"ranks{n}", "--reward-preset", "pickscore", "--num-epochs", "2",
+    runs = {n: run_ranks(n, tmp_path / f"ranks{n}", "--reward-preset", "pickscore", "--num-epochs", "2",
                         "--save-freq", "2") for n in (1, 2, 4)}
     rewards = {n: epoch_records(run)[0]["reward_mean"] for n, run in runs.items()}
     assert rewards[1] == rewards[2] == rewards[4]  # the same pairs, bit for bit

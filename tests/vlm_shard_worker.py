@@ -6,11 +6,11 @@ import sys
 import torch
 
 from fdfo import distributed
-from fdfo.rewards.twins import tiny_qwen_vl
+from fdfo.rewards.twins import random_qwen_vl
 from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm
 
 device = distributed.init()
-vlm = YesNoVlm(*tiny_qwen_vl(), device, shard=True)
+vlm = YesNoVlm(*random_qwen_vl(), device, shard=True)
 images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(distributed.rank()))
 prompts = ["a cat", "an astronaut riding a horse on the moon, oil painting, highly detailed"]
 scores = vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts], resize=504)

@@ -71,9 +71,9 @@ def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_n
         return Compressibility()
     if name == "pickscore":
         from fdfo.rewards.clip_score import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, ClipScore
-        from fdfo.rewards.twins import tiny_clip
+        from fdfo.rewards.twins import random_clip
         if twins:
-            return ClipScore(*tiny_clip(size=twins, device=device), device)
+            return ClipScore(*random_clip(size=twins, device=device), device)
         return ClipScore.from_pretrained(PICKSCORE_MODEL, PICKSCORE_PROCESSOR, device)
     if name == "vlm_alignment":
         from fdfo.rewards.twins import vlm_twin

@@ -19,7 +19,7 @@ CLIP_SHAPES = {
 }
 
 
-def tiny_clip(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu") -> tuple[CLIPModel, CLIPProcessor]:
+def random_clip(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu") -> tuple[CLIPModel, CLIPProcessor]:
     """A random CLIP model with PickScore's structure (text + vision towers, projections, logit scale);
     `size="full"` gives PickScore's real shapes (ViT-H/14), for benchmarks."""
     tokenizer = clip_tokenizer()
@@ -78,7 +78,7 @@ QWEN_SHAPES = {
 }
 
 
-def tiny_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
+def random_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
     """A random Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder);
     `size="7b"` gives Qwen2.5-VL-7B's shapes, for benchmarks."""
@@ -112,5 +112,5 @@ def tiny_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str =
 def vlm_twin(twins: str, device: torch.device | str):
     """The VLM stand-in for `twins`: "tiny" (float32, CPU tests) or "full" (Qwen2.5-VL-7B shapes, bf16)."""
     if twins == "full":
-        return tiny_qwen_vl(size="7b", device=device, dtype=torch.bfloat16)
-    return tiny_qwen_vl(device=device)
+        return random_qwen_vl(size="7b", device=device, dtype=torch.bfloat16)
+    return random_qwen_vl(device=device)
