@@ -10,15 +10,18 @@ transformer counted once with torch's FlopCounterMode; MFU against a bf16 matmul
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+LAUNCH = time.time()  # before the heavy imports: "launch to first optimiser step" counts them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.cli import parse_train_config  # noqa: E402
@@ -59,12 +62,13 @@ def transformer_flops(resolution: int, text_tokens: int) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run (checkpoint included) here")
     args, train_args = parser.parse_known_args()
     train_args = [a for a in train_args if a != "--"]
     peak = matmul_peak_tflops()
-    with tempfile.TemporaryDirectory() as runs:
+    with tempfile.TemporaryDirectory() as scratch:
         cfg = parse_train_config(["--pretrained-model", "sd35m-random", "--prompt-file", "prompt_sets/demo.txt",
-                                  "--runs-dir", runs, "--save-freq", "1000", *train_args])
+                                  "--runs-dir", str(args.runs_dir or scratch), "--save-freq", "1000", *train_args])
         start = time.perf_counter()
         run_dir = train(cfg)
         total = time.perf_counter() - start
@@ -76,10 +80,22 @@ def main():
     T, pairs = cfg.sample.num_solver_steps, plan["pairs_per_rank"] * plan["world_size"]
     guidance = 2 if cfg.sample.guidance_scale != 1 else 1
     last = epochs[-1]
-    flops = {"sample": 2 * pairs * T * forward * guidance, "train": 2 * pairs * T * train_step * guidance}
+    # Training = every micro-batch (those that all-reduce gradients too); the sync ones' excess is the all-reduce.
+    micro = {k: last.get(f"time_{k}", 0.0) for k in ("train", "train_sync")}
+    last["time_training"] = micro["train"] + micro["train_sync"]
+    n_steps = plan["gradient_steps_per_epoch"]
+    n_local = n_steps * (T * plan["gradient_accumulation_steps"] - 1)
+    exposed_allreduce = micro["train_sync"] - n_steps * micro["train"] / n_local if n_local else None
+    flops = {"sample": 2 * pairs * T * forward * guidance, "training": 2 * pairs * T * train_step * guidance}
+    floor = peak * 1e12 / ((flops["sample"] + flops["training"]) / pairs)  # pairs/s per GPU, transformer only
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul_peak_tflops": peak,
         "argv": sys.argv[1:], "batch_plan": plan, "wall_s_including_model_build": total,
+        "launch_to_first_optimiser_step_s": steps[0]["wall_time"] - LAUNCH,
+        "epochs": [{k: v for k, v in e.items() if k.startswith(("time_", "pairs_per_s", "peak_"))} for e in epochs],
+        "pairs_per_s_per_gpu": last["pairs_per_s"] / plan["world_size"],
+        "compute_floor_pairs_per_s_per_gpu": floor, "ratio_to_floor": last["pairs_per_s"] / plan["world_size"] / floor,
+        "gradient_allreduce_exposed_s": exposed_allreduce,
         "transformer_tflop_per_sample": {"forward": forward / 1e12, "lora_forward_backward": train_step / 1e12},
         "last_epoch": last, "ratio_dev_first_micro_batch": [s.get("ratio_dev_first_micro_batch") for s in steps if
                                                             "ratio_dev_first_micro_batch" in s],
@@ -94,8 +110,9 @@ def main():
         if key.startswith("time_"):
             phase = key[5:]
             print(f"{phase:<10} {value:>9.2f} {last.get(f'peak_vram_gib_{phase}', float('nan')):>9.1f}")
-    print(f"pairs/s {last['pairs_per_s']:.3f}; MFU sample {result['mfu']['sample']:.2f}, "
-          f"train {result['mfu']['train']:.2f} (bf16 matmul peak {peak:.0f} TFLOP/s)")
+    print(f"pairs/s {last['pairs_per_s']:.3f} ({result['ratio_to_floor']:.2f} of the floor); MFU sample "
+          f"{result['mfu']['sample']:.2f}, training {result['mfu']['training']:.2f} (bf16 matmul peak {peak:.0f} "
+          f"TFLOP/s); launch to first step {result['launch_to_first_optimiser_step_s']:.0f} s")
 
 
 if __name__ == "__main__":

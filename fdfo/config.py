@@ -18,6 +18,7 @@ TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pret
 RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "compressibility"]
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 Precision = Literal["auto", "bf16", "fp32"]
+CompileMode = Literal["auto", "always", "never"]
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,7 @@ class TrainConfig:
     log_wandb: bool = False  # also log to Weights & Biases
     memory_efficient: bool = True  # move the text encoders to the CPU while training
     precision: Precision = "auto"  # model compute dtype for sampling and training alike; auto = bf16 on GPU, fp32 on CPU
+    compile: CompileMode = "auto"  # torch.compile each transformer block (sampling and training alike); auto = on GPU only
     dry_run: bool = False  # print the resolved configuration and stop before loading any model
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainPhaseConfig = field(default_factory=TrainPhaseConfig)

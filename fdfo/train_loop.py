@@ -16,6 +16,7 @@ from tqdm import tqdm
 from fdfo import distributed
 from fdfo.batching import BatchPlan, plan_batches
 from fdfo.checkpoint import find_checkpoint, load_state, restore_rng_states, save_checkpoint
+from fdfo.compile import compile_blocks, should_compile
 from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
 from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
 from fdfo.exchange import fetch_items, rank_slice, step_items
@@ -89,6 +90,8 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser.
     pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
     lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    if should_compile(cfg.compile, device):
+        compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
     reward = build_reward(cfg.reward_preset, device, twins=REWARD_TWINS.get(cfg.pretrained_model),
                           vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp)
     optimizer = make_optimizer(lora, cfg.train)
@@ -126,8 +129,7 @@ def train(cfg: TrainConfig) -> Path:
                 signal = share_signal(samples)
 
             # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
-            with timer("train"):
-                steps = optimise_epoch(model, lora, optimizer, samples, signal, cfg, plan, epoch, optimizer_steps)
+            steps = optimise_epoch(model, lora, optimizer, samples, signal, cfg, plan, epoch, optimizer_steps, timer)
             optimizer_steps += len(steps)
 
             # Report.
@@ -222,9 +224,13 @@ def share_signal(samples: RankSamples) -> SharedSignal:
 
 
 def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Optimizer, samples: RankSamples,
-                   signal: SharedSignal, cfg: TrainConfig, plan: BatchPlan, epoch: int,
-                   steps_before: int) -> list[dict[str, float]]:
-    """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle."""
+                   signal: SharedSignal, cfg: TrainConfig, plan: BatchPlan, epoch: int, steps_before: int,
+                   timer: PhaseTimer) -> list[dict[str, float]]:
+    """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle.
+
+    Timed phases: "exchange" (items fetched from their ranks), "train" (micro-batches without gradient
+    sync), "train_sync" (each step's last micro-batch, whose backward all-reduces the gradients), "optimizer".
+    """
     T = cfg.sample.num_solver_steps
     items_per_rank = 2 * plan.pairs_per_rank * T
     permutation = item_permutation(cfg.seed, epoch, items_per_rank * plan.world_size)
@@ -237,26 +243,28 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
     for k in range(plan.gradient_steps_per_epoch):
         items = step_items(permutation, k, plan.gradient_steps_per_epoch)
         mine = rank_slice(items, distributed.rank(), plan.world_size).to(samples.inputs.device)
-        x, v_ref = fetch_items([samples.inputs, samples.velocities], items, items_per_rank)
+        with timer("exchange"):
+            x, v_ref = fetch_items([samples.inputs, samples.velocities], items, items_per_rank)
         totals = torch.zeros(4, device=x.device)  # loss, policy loss, kl, clipfrac
         for m in range(micro_batches):
             rows = slice(m * plan.train_batch_size, (m + 1) * plan.train_batch_size)
             last = m == micro_batches - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with timer("train_sync" if last else "train"), sync:
                 terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
                 (terms.loss / micro_batches).backward()
             totals += torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac]) / micro_batches
             if k == 0 and m == 0:
                 ratio_dev_first = (terms.ratio - 1).abs().mean().item()
             bar.update()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with timer("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         totals = distributed.all_reduce_mean(totals)
         stats.append({"kind": "step", "epoch": epoch, "step": steps_before + k + 1, "loss": totals[0].item(),
                       "policy_loss": totals[1].item(), "kl": totals[2].item(), "clipfrac": totals[3].item(),
-                      "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"]})
+                      "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time()})
     bar.close()
     stats[0]["ratio_dev_first_micro_batch"] = ratio_dev_first
     return stats

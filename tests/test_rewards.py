@@ -7,6 +7,7 @@ import torch
 from fdfo.rewards import PRESETS, build_reward
 from fdfo.rewards.clip_score import ClipScore
 from fdfo.rewards.twins import qwen_tokenizer, random_clip, random_qwen_vl
+from fdfo.rewards import vlm as vlm_module
 from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm, single_token
 from tests.conftest import torchrun
 
@@ -35,6 +36,28 @@ def test_vlm_twin_scores_batch_like_one_by_one():
     single = torch.cat([vlm.score(images()[i:i + 1], [q], resize=504) for i, q in enumerate(questions)])
     print(f"VLM batch vs one-by-one: max |difference| = {(batch - single).abs().max():.2e}")
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-4)
+
+
+def test_packed_window_attention_scores_like_transformers_own(monkeypatch):
+    questions = [TRAIN_QUESTION.format(prompt=p) for p in PROMPTS]
+    packed_calls = []
+    varlen = vlm_module.varlen_attention
+
+    def spy(q, k, v, cu_seqlens, max_len, scale):
+        packed_calls.append(len(cu_seqlens) - 1)
+        return varlen(q, k, v, cu_seqlens, max_len, scale)
+    monkeypatch.setattr(vlm_module, "varlen_attention", spy)
+    packed = YesNoVlm(*random_qwen_vl(), CPU).score(images(), questions, resize=504)
+
+    monkeypatch.setattr(vlm_module, "use_packed_window_attention", lambda model: None)
+    stock_vlm = YesNoVlm(*random_qwen_vl(), CPU)
+    assert stock_vlm.model.config.vision_config._attn_implementation == "sdpa"
+    stock = stock_vlm.score(images(), questions, resize=504)
+    print(f"VLM packed vs stock vision attention: max |difference| = {(packed - stock).abs().max():.2e}")
+    torch.testing.assert_close(packed, stock, rtol=0, atol=1e-4)
+    # Every vision layer went through one packed call: windowed layers with many windows, full ones with 3 images.
+    depth = stock_vlm.model.config.vision_config.depth
+    assert len(packed_calls) == depth and min(packed_calls) == 3 and max(packed_calls) > 3
 
 
 def test_vlm_sharded_over_two_ranks_equals_one_process(tmp_path):

@@ -83,7 +83,8 @@ def test_run_folder_layout(tmp_path):
     ckpt = run_dir / "checkpoints" / "epoch-0000001"
     assert {p.name for p in ckpt.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "training_state.pt"}
     record = epoch_records(run_dir)[0]
-    assert {"reward_mean", "reward_std", "reward_compressibility", "time_sample", "time_reward", "time_train",
+    assert {"reward_mean", "reward_std", "reward_compressibility", "time_sample", "time_reward", "time_exchange",
+            "time_train", "time_train_sync", "time_optimizer",
             "pairs_per_s"} <= record.keys()
     again = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1", "--run-name", "x"]))
     assert again.name == "00001-x"

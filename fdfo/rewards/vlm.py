@@ -19,6 +19,7 @@ class YesNoVlm:
         self.processor.tokenizer.padding_side = "left"  # the last position is the answer's for every row
         self.yes, self.no = (single_token(processor.tokenizer, word) for word in ("Yes", "No"))
         self.model = model.to(device).eval().requires_grad_(False)
+        use_packed_window_attention(self.model)
         self.sharded = shard and distributed.world_size() > 1
         if self.sharded:
             shard_model(self.model)
@@ -57,6 +58,41 @@ def single_token(tokenizer, word: str) -> int:
         raise ValueError(f"The VLM's tokenizer splits {word!r} into {len(ids)} tokens {ids}; the yes/no score needs "
                          "it to be a single token. Use a Qwen2.5-VL checkpoint (--vlm-model-name).")
     return ids[0]
+
+
+# "flash" in the name makes Qwen2.5-VL's vision tower hand over all its attention windows in one packed call
+# (cu_seqlens) instead of looping over them with one SDPA call each (~25 windows per image, 32 layers).
+PACKED_ATTENTION = "flash_fdfo_packed"
+
+
+def use_packed_window_attention(model: torch.nn.Module) -> None:
+    """Route the vision tower's windowed attention through one variable-length attention call per layer."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    model.config.vision_config._attn_implementation = PACKED_ATTENTION
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, scaling: float | None = None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention within each packed sequence: (1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
+    return varlen_attention(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling).unsqueeze(0), None
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     scale: float | None) -> torch.Tensor:
+    """torch's flash-attention kernel for packed sequences on GPU; one SDPA call per sequence elsewhere."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale)
+    bounds = cu_seqlens.tolist()
+    return torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ])
 
 
 def shard_model(model: torch.nn.Module) -> None:
