@@ -16,6 +16,7 @@ LAUNCH = time.time()  # before the heavy imports: "launch to first optimiser ste
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -65,6 +66,7 @@ def main():
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run (checkpoint included) here")
     args, train_args = parser.parse_known_args()
     train_args = [a for a in train_args if a != "--"]
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # each rank measures its own GPU
     peak = matmul_peak_tflops()
     with tempfile.TemporaryDirectory() as scratch:
         cfg = parse_train_config(["--pretrained-model", "sd35m-random", "--prompt-file", "prompt_sets/demo.txt",

@@ -109,7 +109,10 @@ def train(cfg: TrainConfig) -> Path:
             distributed.print0(f"Warning: the checkpoint was trained with seed {state['seed']} and "
                                f"{state['total_pairs']} pairs per epoch, this run uses {cfg.seed} and "
                                f"{plan.total_pairs}: it continues, but not as the uninterrupted run would have.")
-    model = DistributedDataParallel(pipe.transformer) if distributed.world_size() > 1 else pipe.transformer
+    # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
+    # would put a collective in each micro-batch and lock the ranks into step.
+    model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
+             else pipe.transformer)
     log = RunLog(run_dir, to_jsonable(cfg), cfg.log_wandb, resume_epoch=start_epoch if resume else None)
 
     # Main training loop.
