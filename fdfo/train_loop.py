@@ -248,23 +248,29 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
         mine = rank_slice(items, distributed.rank(), plan.world_size).to(samples.inputs.device)
         with timer("exchange"):
             x, v_ref = fetch_items([samples.inputs, samples.velocities], items, items_per_rank)
-        totals = torch.zeros(4, device=x.device)  # loss, policy loss, kl, clipfrac
-        for m in range(micro_batches):
+
+        def backward_micro_batch(m: int) -> torch.Tensor:
+            """Accumulate micro-batch m's gradient; returns its loss, policy loss, kl, clipfrac and mean |ρ − 1|."""
             rows = slice(m * plan.train_batch_size, (m + 1) * plan.train_batch_size)
-            last = m == micro_batches - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with timer("train_sync" if last else "train"), sync:
-                terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
-                (terms.loss / micro_batches).backward()
-            totals += torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac]) / micro_batches
-            if k == 0 and m == 0:
-                ratio_dev_first = (terms.ratio - 1).abs().mean().item()
+            terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
+            (terms.loss / micro_batches).backward()
             bar.update()
+            return torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac,
+                                (terms.ratio - 1).abs().mean()])
+
+        # Timed per phase, not per micro-batch, so that the GPU is synchronised twice a step, not twice a micro-batch.
+        accumulate_locally = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+        with timer("train"), accumulate_locally:
+            per_micro_batch = [backward_micro_batch(m) for m in range(micro_batches - 1)]
+        with timer("train_sync"):  # the last micro-batch's backward all-reduces the step's gradients
+            per_micro_batch.append(backward_micro_batch(micro_batches - 1))
+        if k == 0:
+            ratio_dev_first = per_micro_batch[0][4].item()
         with timer("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        totals = distributed.all_reduce_mean(totals)
+        totals = distributed.all_reduce_mean(torch.stack(per_micro_batch)[:, :4].mean(dim=0))
         stats.append({"kind": "step", "epoch": epoch, "step": steps_before + k + 1, "loss": totals[0].item(),
                       "policy_loss": totals[1].item(), "kl": totals[2].item(), "clipfrac": totals[3].item(),
                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time()})
