@@ -15,7 +15,7 @@ SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pretrained-model tiny
 
-RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "compressibility"]
+RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "brightness", "compressibility"]
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 Precision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]

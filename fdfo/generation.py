@@ -30,6 +30,7 @@ def generate_images(pipe: StableDiffusion3Pipeline, prompts: list[str], seeds: l
                     batch_size: int, desc: str = "generating") -> torch.Tensor:
     """uint8 images (N, 3, H, W) for prompts[i] with starting noise from seeds[i], in batches."""
     device = pipe.transformer.device
+    pipe.set_progress_bar_config(disable=True)  # one bar, ours, over the batches
     resolution = resolution or default_resolution(pipe)
     shape = latent_shape(pipe, resolution)
     out = []

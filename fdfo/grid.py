@@ -1,4 +1,4 @@
-"""A labelled image grid: one column block per prompt, with a title and the prompt as caption."""
+"""A labelled image grid: one column block per prompt with the prompt as caption, and optional row labels."""
 
 from __future__ import annotations
 
@@ -19,25 +19,37 @@ def caption_lines(prompt: str, width_px: int, font_size: int) -> list[str]:
     return textwrap.wrap(prompt, width=max(8, int(width_px / (0.55 * font_size)))) or [""]
 
 
-def grid_size(num_prompts: int, rows: int, cols: int, resolution: int, caption_height: int) -> tuple[int, int]:
+def grid_size(num_prompts: int, rows: int, cols: int, resolution: int, caption_height: int,
+              label_width: int = 0) -> tuple[int, int]:
     """(width, height) of the grid image in pixels."""
-    return (num_prompts * cols * resolution + (num_prompts + 1) * PAD,
+    return (label_width + num_prompts * cols * resolution + (num_prompts + 1) * PAD,
             caption_height + rows * resolution + PAD)
 
 
-def make_grid(images: torch.Tensor, prompts: list[str], rows: int, cols: int) -> Image.Image:
-    """`images` uint8 (len(prompts)·rows·cols, 3, R, R), prompt-major, laid out as one rows × cols block per prompt."""
+def make_grid(images: torch.Tensor, prompts: list[str], rows: int, cols: int,
+              row_labels: list[str] | None = None) -> Image.Image:
+    """`images` uint8 (len(prompts)·rows·cols, 3, R, R), prompt-major, laid out as one rows × cols block per
+    prompt; `row_labels` (one per row, lines split by "\n") are written in a margin on the left."""
     resolution = images.shape[-1]
     font_size = max(10, resolution // 16)
     block_width = cols * resolution
     lines = [caption_lines(f"{i + 1}. {p}", block_width, font_size) for i, p in enumerate(prompts)]
     caption_height = PAD + max(len(l) for l in lines) * (font_size + 4)
-    width, height = grid_size(len(prompts), rows, cols, resolution, caption_height)
+    label_width = 0
+    if row_labels is not None:
+        if len(row_labels) != rows:
+            raise ValueError(f"Need one label per row: {rows} rows, {len(row_labels)} labels.")
+        label_width = PAD + max(int(font(font_size).getlength(line)) for label in row_labels
+                                for line in label.split("\n"))
+    width, height = grid_size(len(prompts), rows, cols, resolution, caption_height, label_width)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(row_labels or []):
+        draw.multiline_text((PAD // 2, caption_height + r * resolution + resolution // 2), label, fill="black",
+                            font=font(font_size), spacing=4, anchor="lm")
     per_prompt = rows * cols
     for p, prompt_lines in enumerate(lines):
-        left = PAD + p * (block_width + PAD)
+        left = label_width + PAD + p * (block_width + PAD)
         draw.multiline_text((left, PAD // 2), "\n".join(prompt_lines), fill="black", font=font(font_size), spacing=4)
         for k in range(per_prompt):
             pixels = images[p * per_prompt + k].permute(1, 2, 0).numpy()

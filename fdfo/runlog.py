@@ -1,4 +1,5 @@
-"""The run folder and its records: config.json, training_log.jsonl (always), Weights & Biases (when asked)."""
+"""The run folder and its records: config.json, training_log.jsonl and reward_curve.png (always), Weights &
+Biases (when asked)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fdfo import distributed
+from fdfo.plots import REWARD_CURVE, plot_reward_curve
 
 LOG_FILE = "training_log.jsonl"
 
@@ -23,11 +25,13 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
 
 
 class RunLog:
-    """Appends records to training_log.jsonl on rank 0, and mirrors them to W&B if enabled."""
+    """Appends records to training_log.jsonl on rank 0, redraws reward_curve.png after every epoch record, and
+    mirrors the records to W&B if enabled."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], use_wandb: bool, resume_epoch: int | None = None):
         self.path = Path(run_dir) / LOG_FILE
         self.wandb = None
+        self.epochs: list[dict[str, Any]] = []  # the epoch records so far, for the reward curve
         if not distributed.is_main():
             return
         if resume_epoch is not None and self.path.exists():  # drop records of epochs that will run again
@@ -35,6 +39,7 @@ class RunLog:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
+            self.epochs = [r for r in map(json.loads, kept) if r["kind"] == "epoch"]
         if use_wandb:
             import wandb
             self.wandb = wandb.init(project="fdfo", name=Path(run_dir).name, dir=str(run_dir), config=config,
@@ -45,6 +50,9 @@ class RunLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if record["kind"] == "epoch":
+            self.epochs.append(record)
+            plot_reward_curve(self.epochs, self.path.parent / REWARD_CURVE)
         if self.wandb is not None:
             self.wandb.log({**{k: v for k, v in record.items() if k != "kind"}, **(images or {})})
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from fdfo import distributed
 from fdfo.batching import BatchPlan, plan_batches
+from fdfo.before_after import BEFORE_AFTER, write_before_after
 from fdfo.checkpoint import find_checkpoint, load_state, restore_rng_states, save_checkpoint
 from fdfo.compile import compile_blocks, should_compile
 from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
@@ -148,6 +149,11 @@ def train(cfg: TrainConfig) -> Path:
                     })
                     print(f"Saved {path}", flush=True)
                 distributed.barrier()
+
+        # Show what training did: the same prompts and seeds before and after.
+        move_text_encoders(pipe, device)
+        write_before_after(pipe, lora, reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
+        distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / 'reward_curve.png'}")
     finally:
         log.close()
     return run_dir
@@ -304,11 +310,13 @@ def report_epoch(log: RunLog, epoch: int, samples: RankSamples, steps: list[dict
                  plan: BatchPlan, seconds: float, cfg: TrainConfig) -> None:
     """One JSONL record per optimiser step and one per epoch; a line on stdout; image pairs to W&B every 10 epochs."""
     rewards = distributed.all_gather_tensor(samples.rewards)
-    terms = {k: distributed.all_gather_tensor(v).mean().item() for k, v in samples.terms.items()}
+    terms = {k: distributed.all_gather_tensor(v) for k, v in samples.terms.items()}
     for record in steps:
         log.write(record)
-    record = {"kind": "epoch", "epoch": epoch, "reward_mean": rewards.mean().item(),
-              "reward_std": rewards.std().item(), **{f"reward_{k}": v for k, v in terms.items()},
+    record = {"kind": "epoch", "epoch": epoch, "reward_evaluations": 2 * plan.total_pairs * (epoch + 1),
+              "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+              **{f"reward_{k}": v.mean().item() for k, v in terms.items()},
+              **{f"reward_{k}_std": v.std().item() for k, v in terms.items()},
               **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_epoch": seconds,
               "pairs_per_s": plan.total_pairs / seconds,
               **{f"peak_vram_gib_{k}": v for k, v in timer.peak_gib.items()}}
@@ -319,6 +327,8 @@ def report_epoch(log: RunLog, epoch: int, samples: RankSamples, steps: list[dict
         side_by_side = torch.cat(list(samples.first_images), dim=2).permute(1, 2, 0).numpy()
         images = {"pair": wandb.Image(side_by_side, caption=f"R = {r[0]:.3f} | {r[1]:.3f}: {samples.prompts[0]}")}
     log.write(record, images)
+    # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
     distributed.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
-                       f"loss {steps[-1]['loss']:.4g}, clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
+                       f"clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
+                       f"grad norm {sum(s['grad_norm'] for s in steps) / len(steps):.3g}, "
                        f"{record['pairs_per_s']:.2f} pairs/s")

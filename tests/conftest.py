@@ -1,9 +1,15 @@
 import os
+import tempfile
 
 # Tests never touch the network or a W&B account.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One Inductor cache per ATEN_CPU_CAPABILITY (set before torch loads): kernels compiled under the machine's own
+# AVX-512 and reused in a process run with ATEN_CPU_CAPABILITY=avx2 gave NaN velocities (torch 2.14.1); a
+# cache of its own gives the right ones.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor-fdfo-tests-{os.environ.get('ATEN_CPU_CAPABILITY', 'default')}"))
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -14,7 +20,8 @@ import torch  # noqa: E402
 
 from fdfo.tiny import random_pipeline  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads as on CI; FDFO_TEST_THREADS=1 checks that no result depends on the thread count.
+torch.set_num_threads(int(os.environ.get("FDFO_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_defaults_are_the_papers():
     "--log-wandb --resume-from runs/00001-x --save-freq 2 --seed 3 --run-name r --lora-rank 8 --lora-alpha 16 "
     "--max-batch-size 4 --gradient-steps-per-epoch 2 --sample.num-solver-steps 10 --sample.guidance-scale 4.5 "
     "--sample.batch-size 2 --train.learning-rate 1e-4 --train.clip-range 0.05 --train.kl-weight 0.1 "
-    "--vlm-model-name qwenvl-3b --pretrained-model tiny --no-memory-efficient --runs-dir /tmp/r",
+    "--vlm-model-name qwenvl-3b --pretrained-model sd35m-random --no-memory-efficient --runs-dir /tmp/r",
 ])
 def test_published_train_flags_parse(line):
     cfg = parse(TrainConfig, shlex.split(line))

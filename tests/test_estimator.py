@@ -63,10 +63,11 @@ def test_kl_term_is_added_with_its_weight():
 def test_estimator_estimates_the_reward_gradient(tiny_pipe):
     """With R = ⟨g, x_T⟩, E[dR · dx] = Cov(dx) g: the mean over pairs points along g.
 
-    Cov(dx) (churn propagated through the flow) is not isotropic on the tiny model: the mean over
-    root-mean-square of its eigenvalues is ≈ 0.85, which bounds cos(Cov(dx) g, g) for a random g. At
-    16 px (64 latent dimensions) and 1,024 pairs the measured cosine is 0.81–0.89 over
-    five random g.
+    Cov(dx) (churn propagated through the flow) is not isotropic on the tiny model, so even the exact
+    expectation is not parallel to g: over 20 random g, cos(Cov(dx) g, g) is 0.60–0.76 (mean 0.66;
+    Cov(dx) from 4,096 pairs). At 16 px (64 latent dimensions) and 1,024 pairs the measured cosine is
+    0.616 here; a random direction would give ±0.13 (1/√64), a sign error in dR or dx −0.6, a pairing
+    error ≈ 0.
     """
     pairs = 1024
     cond = encode_prompts(tiny_pipe, ["a lighthouse at dusk"], 1.0, 128).repeat_interleave(pairs)
@@ -79,4 +80,4 @@ def test_estimator_estimates_the_reward_gradient(tiny_pipe):
     estimate = (reward_differences(rewards)[:, None, None, None] * dx).mean(0)
     cosine = torch.nn.functional.cosine_similarity(estimate.flatten(), g.flatten(), dim=0).item()
     print(f"cosine(mean dR·dx, g) = {cosine:.4f}")
-    assert cosine > 0.8
+    assert cosine > 0.5

@@ -45,6 +45,13 @@ def test_grid_geometry():
     # Image k of prompt p sits at column k % cols, row k // cols of block p.
     pixel = Image.fromarray(images[4].permute(1, 2, 0).numpy()).getpixel((0, 0))
     assert grid.getpixel((8 + 32, caption_height + 32)) == pixel
+    # Row labels take a margin on the left and shift every image right by its width.
+    labelled = make_grid(images, ["a cat", "a dog"], rows=2, cols=3, row_labels=["base model", "after 20 epochs"])
+    margin = labelled.width - grid.width
+    assert margin > 0 and labelled.height == grid.height
+    assert labelled.getpixel((margin + 8 + 32, caption_height + 32)) == pixel
+    with pytest.raises(ValueError, match="one label per row"):
+        make_grid(images, ["a cat", "a dog"], rows=2, cols=3, row_labels=["base model"])
 
 
 def test_train_then_generate_round_trip(tmp_path):

@@ -87,7 +87,7 @@ def test_long_and_empty_prompts_are_scored():
 
 
 def test_unknown_preset_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid presets are: pickscore, vlm_alignment, combined, compressibility"):
+    with pytest.raises(ValueError, match="valid presets are: pickscore, vlm_alignment, combined, brightness, compressibility"):
         build_reward("aesthetic", CPU, twins="tiny")
 
 

@@ -9,11 +9,12 @@ import torch
 
 Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images (B, 3, H, W) in [0, 1], prompts → (B,) float32
 
-# Preset name → (term, weight) list (paper §6; compressibility is the offline demo's reward).
+# Preset name → (term, weight) list (paper §6; brightness is the offline demo's reward, compressibility DDPO's).
 PRESETS: dict[str, list[tuple[str, float]]] = {
     "pickscore": [("pickscore", 1.0)],
     "vlm_alignment": [("vlm_alignment", 1.0)],
     "combined": [("pickscore", 1.0), ("vlm_alignment", 0.1)],
+    "brightness": [("brightness", 1.0)],
     "compressibility": [("compressibility", 1.0)],
 }
 
@@ -66,6 +67,9 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
 def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_name: str, shard_vlm: bool) -> Scorer:
     """The scorer of a reward term. `twins`: None = the real models; "tiny" = tiny random twins (offline
     tests); "full" = random weights with the real shapes (GPU benchmarks)."""
+    if name == "brightness":
+        from fdfo.rewards.brightness import brightness
+        return brightness
     if name == "compressibility":
         from fdfo.rewards.compressibility import Compressibility
         return Compressibility()
