@@ -49,7 +49,7 @@ def main() -> None:
         x = torch.randn(args.batch, *latent_shape(pipe, None), generator=generator)
         for i in range(args.solver_steps):
             x = x + (sigmas[i + 1] - sigmas[i]) * predict_velocity(pipe.transformer, x, sigmas[i], cond, 1.0)
-        rewards = score(decode(pipe, x), batch)
+        rewards = score(decode(pipe, x, torch.float32), batch)
         optimizer.zero_grad()
         (-rewards.mean()).backward()
         optimizer.step()

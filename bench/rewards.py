@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo import distributed  # noqa: E402
 from fdfo.rewards.clip_score import ClipScore  # noqa: E402
 from fdfo.rewards.twins import random_clip, random_qwen_vl  # noqa: E402
-from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm  # noqa: E402
+from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm, cast_buffers  # noqa: E402
 
 PROMPT = "a photograph of a red fox sitting in fresh snow under a pine tree, golden hour, highly detailed"
 
@@ -72,8 +72,8 @@ def main():
         "ms_per_batch": 1000 * seconds, "ms_per_image": 1000 * seconds / args.batch,
         "resident_gib": weights, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
-    # The same call with transformers' own vision attention (one SDPA call per window), against the packed one.
     packed_scores = score()
+    # The same call with transformers' own vision attention (one SDPA call per window), against the packed one.
     vision_config = vlm.model.config.vision_config
     vision_config._attn_implementation = "sdpa"
     seconds = timed(score, device)
@@ -82,6 +82,16 @@ def main():
         "max_abs_score_difference_vs_packed": (score() - packed_scores).abs().max().item(),
         "max_abs_score_difference_stock_run_to_run": (score() - score()).abs().max().item(),
         "packed_scores": packed_scores.tolist()}
+
+    # The published training reward's bf16 buffers (its FSDP1 mixed precision rounds the rotary frequencies).
+    exact = score()
+    cast_buffers(vlm.model, torch.bfloat16)
+    rounded = score()
+    results["vlm_7b_bf16_buffers_vs_fp32"] = {
+        "max_abs_score_difference": (rounded - exact).abs().max().item(),
+        "mean_abs_score_difference": (rounded - exact).abs().mean().item(),
+        "score_std_over_images": exact.std().item(), "fp32_buffer_scores": exact.tolist(),
+        "bf16_buffer_scores": rounded.tolist()}
 
     gathered = distributed.all_gather_objects(results)
     if distributed.is_main():

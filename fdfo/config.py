@@ -17,7 +17,8 @@ TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pret
 
 RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "brightness", "compressibility"]
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
-Precision = Literal["auto", "bf16", "fp32"]
+TrainPrecision = Literal["auto", "fp16", "bf16", "fp32"]
+EvalPrecision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     reward_preset: RewardPreset = "combined"  # reward terms and weights
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM reward
     vlm_use_fsdp: tyro.conf.FlagConversionOff[bool] = True  # shard the VLM's parameters over the ranks (False: a full copy per rank)
+    vlm_buffers: Literal["bf16", "fp32"] = "bf16"  # dtype of the VLM's rotary frequencies: bf16 as the published reward's FSDP1 mixed precision leaves them; fp32 exact
     num_epochs: int = 1000  # epochs to train (results are good around 100)
     total_pairs_per_epoch: int = 432  # pairs sampled per epoch over all ranks (2 reward evaluations each)
     gradient_steps_per_epoch: int = 4  # optimiser steps per epoch
@@ -75,7 +77,7 @@ class TrainConfig:
     prompt_file: Path = Path("prompt_sets/pickscore_train.txt")  # training prompts, one a line
     log_wandb: bool = False  # also log to Weights & Biases
     memory_efficient: bool = True  # move the text encoders to the CPU while training
-    precision: Precision = "auto"  # model compute dtype for sampling and training alike; auto = bf16 on GPU, fp32 on CPU
+    precision: TrainPrecision = "auto"  # numerics of sampling and training alike: fp16 = the published recipe (fp16 autocast over bf16 weights, fp32 LoRA, gradient scaler); bf16 autocast; fp32; auto = fp16 on GPU, fp32 on CPU
     compile: CompileMode = "auto"  # torch.compile each transformer block (sampling and training alike); auto = on GPU only
     dry_run: bool = False  # print the resolved configuration and stop before loading any model
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -97,13 +99,13 @@ class GenerateConfig:
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
     grid_rows: int = 2  # image rows per prompt
     grid_cols: int = 2  # image columns per prompt
-    seed: int = 0  # seed of the first image; image k uses seed + k
+    seed: int = 0  # seed of the first image; image i of the grid (prompt-major) uses seed + i, as published
     resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     num_solver_steps: int = 40  # Euler steps
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
     batch_size: int = 4  # images per forward batch
-    max_sequence_length: int = 128  # T5 tokens of the prompt
-    precision: Precision = "auto"  # model compute dtype; auto = bf16 on GPU, fp32 on CPU
+    max_sequence_length: int = 256  # T5 tokens of the prompt (the pipeline's default, as published; training uses 128)
+    precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
 
 MetricName = Literal[
@@ -118,10 +120,10 @@ class MetricsConfig:
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder, `hf:<org>/<repo>/<subdir>` or a Hub tree URL; None = base model
-    prompt_set: PromptSetName = "pickscore_train"  # prompts to evaluate on
-    num_prompts: int = 4096  # prompts kept after shuffling (capped at the set's size)
+    prompt_set: PromptSetName = "hpdv2"  # prompts to evaluate on
+    num_prompts: int = 500  # prompts kept after shuffling (capped at the set's size)
     num_repeats: int = 1  # images per prompt (dreamsim_diversity needs ≥ 2)
-    metrics: tuple[MetricName, ...] = ("pickscore", "vlm_alignment")  # metrics to compute
+    metrics: tuple[MetricName, ...] = ("pickscore",)  # metrics to compute
     prompt_seed: int = 0  # seed of the prompt shuffle
     image_seed: int = 0  # image seeds are image_seed + prompt_index · num_repeats + repeat
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
@@ -130,9 +132,9 @@ class MetricsConfig:
     num_solver_steps: int = 40  # Euler steps
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
     batch_size: int = 4  # images per forward batch
-    max_sequence_length: int = 128  # T5 tokens of the prompt
+    max_sequence_length: int = 256  # T5 tokens of the prompt (the pipeline's default, as published; training uses 128)
     out: Path | None = None  # JSON file for the results, with the config and elapsed time
-    precision: Precision = "auto"  # model compute dtype; auto = bf16 on GPU, fp32 on CPU
+    precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
 
 def with_overrides(instance: Any, overrides: dict[str, Any], where: str) -> Any:

@@ -72,12 +72,14 @@ def download_hpdv2(path: Path) -> None:
 
 
 def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:
-    """Shuffle with `seed`, keep the first `num_prompts` (capped at the set's size, with a warning)."""
+    """Shuffle with `seed` as the published evaluation does (numpy's legacy RandomState), keep the first
+    `num_prompts` (capped at the set's size, with a warning)."""
     if num_prompts > len(prompts):
         warnings.warn(f"--num-prompts {num_prompts} is more than the set's {len(prompts)} prompts; using all.")
         num_prompts = len(prompts)
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    return [prompts[i] for i in order[:num_prompts]]
+    shuffled = list(prompts)
+    np.random.RandomState(seed).shuffle(shuffled)
+    return shuffled[:num_prompts]
 
 
 def rank_prompt_indices(num_prompts: int, rank: int, world_size: int) -> list[int]:

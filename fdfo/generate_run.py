@@ -20,8 +20,9 @@ def generate(cfg: GenerateConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
     per_prompt = cfg.grid_rows * cfg.grid_cols
+    # As published: image i of the grid (prompt-major) starts from seed + i.
     images = generate_images(pipe, [p for p in prompts for _ in range(per_prompt)],
-                             [cfg.seed + k for _ in prompts for k in range(per_prompt)], cfg.num_solver_steps,
+                             [cfg.seed + i for i in range(len(prompts) * per_prompt)], cfg.num_solver_steps,
                              cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length, cfg.batch_size)
     grid = make_grid(images, prompts, cfg.grid_rows, cfg.grid_cols)
     out = Path(cfg.out)

@@ -18,11 +18,25 @@ class ModelLoadError(RuntimeError):
     """The base model could not be loaded; the message says what to do."""
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen base weights and of the model's compute (LoRA weights stay float32)."""
+def model_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the plain pipeline in generation and evaluation: auto = bf16 on GPU (as published), fp32 on CPU."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def training_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(frozen base weights, compute under autocast) of sampling and training; LoRA weights stay float32.
+
+    fp16 is the published recipe: fp16 autocast over bf16 weights, with a gradient scaler (on a CPU the
+    weights are fp32: CPU autocast cannot mix bf16 weights into fp16 compute). auto = fp16 on GPU, fp32 on CPU.
+    """
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16":
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    return dtype, dtype
 
 
 def load_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:

@@ -89,5 +89,5 @@ def sample_pairs(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators:
         x = churned_euler_step(x, v, sigmas[i], sigmas[i + 1], gamma, noise)
     return Trajectories(
         inputs=torch.stack(inputs, dim=1), velocities=torch.stack(velocities, dim=1), sigmas=sigmas,
-        final_latents=x, images=decode_latents(pipe, x),
+        final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype),
     )

@@ -22,6 +22,11 @@ class PromptEmbeds:
         rep = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
         return PromptEmbeds(rep(self.embeds), rep(self.pooled), rep(self.uncond_embeds), rep(self.uncond_pooled))
 
+    def to(self, dtype: torch.dtype) -> PromptEmbeds:
+        """In the compute dtype: predict_velocity runs the transformer under autocast in the embeddings' dtype."""
+        cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+        return PromptEmbeds(cast(self.embeds), cast(self.pooled), cast(self.uncond_embeds), cast(self.uncond_pooled))
+
     def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return PromptEmbeds(pick(self.embeds), pick(self.pooled), pick(self.uncond_embeds), pick(self.uncond_pooled))
@@ -44,8 +49,9 @@ def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch
                      guidance_scale: float) -> torch.Tensor:
     """v(x, σ) in float32, with classifier-free guidance when guidance_scale ≠ 1.
 
-    The compute dtype is that of the prompt embeddings (the base model's), under autocast, so that
-    sampling and training run the very same numerics and the ratio ρ starts at exactly 1.
+    The compute dtype is that of the prompt embeddings (cast to it by the caller; fp16 over bf16 weights
+    in the published recipe), under autocast, so that sampling and training run the very same numerics
+    and the ratio ρ starts at exactly 1.
     """
     dtype = cond.embeds.dtype
     timestep = (1000 * sigma).to(torch.float32).expand(x.shape[0])
@@ -65,12 +71,17 @@ def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch
 
 
 @torch.no_grad()
-def decode_latents(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Final latents → images in [0, 1], float32, (B, 3, H, W)."""
+def decode_latents(pipe: StableDiffusion3Pipeline, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Final float32 latents → images in [0, 1], float32, (B, 3, H, W).
+
+    As the published sampler decodes: under the sampling's autocast in `dtype` (fp16 in its recipe),
+    mapped to [0, 1] in the decoder's output dtype, then widened.
+    """
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        images = vae.decode(latents, return_dict=False)[0]  # float32 in: autocast casts it as published
+    return (images * 0.5 + 0.5).clamp(0, 1).float()
 
 
 def latent_shape(pipe: StableDiffusion3Pipeline, resolution: int | None) -> tuple[int, int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
 from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
 from fdfo.exchange import fetch_items, rank_slice, step_items
 from fdfo.lora import attach_lora, load_lora
-from fdfo.models import REWARD_TWINS, compute_dtype, load_pipeline
+from fdfo.models import REWARD_TWINS, load_pipeline, training_dtypes
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.rewards import Reward, build_reward
 from fdfo.runlog import RunLog, new_run_dir
@@ -89,13 +90,15 @@ def train(cfg: TrainConfig) -> Path:
         return run_dir
 
     # Set up the model, its LoRA, the reward and the optimiser.
-    pipe = load_pipeline(cfg.pretrained_model, device, compute_dtype(cfg.precision, device))
+    weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
+    pipe = load_pipeline(cfg.pretrained_model, device, weights_dtype)
     lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if should_compile(cfg.compile, device):
         compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
     reward = build_reward(cfg.reward_preset, device, twins=REWARD_TWINS.get(cfg.pretrained_model),
-                          vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp)
+                          vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp, vlm_buffers=cfg.vlm_buffers)
     optimizer = make_optimizer(lora, cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)  # fp16: loss scaling
     start_epoch, optimizer_steps = 0, 0
 
     # Load previous checkpoint.
@@ -103,6 +106,8 @@ def train(cfg: TrainConfig) -> Path:
         state = load_state(resume)
         load_lora(lora, resume)
         optimizer.load_state_dict(state["optimizer"])
+        if state["grad_scaler"]:
+            scaler.load_state_dict(state["grad_scaler"])
         restore_rng_states(state["rng"])
         start_epoch, optimizer_steps = state["epochs_done"], state["optimizer_steps"]
         distributed.print0(f"Resumed from {resume}: {start_epoch} epochs and {optimizer_steps} steps done.")
@@ -124,7 +129,7 @@ def train(cfg: TrainConfig) -> Path:
             # Sample pairs and score them (paper §2, §6).
             if cfg.memory_efficient:
                 move_text_encoders(pipe, device)
-            samples = sample_and_score(pipe, reward, stream, cfg, plan, epoch, timer)
+            samples = sample_and_score(pipe, reward, stream, cfg, plan, epoch, compute_dtype, timer)
             if cfg.memory_efficient:
                 move_text_encoders(pipe, torch.device("cpu"))
 
@@ -133,7 +138,8 @@ def train(cfg: TrainConfig) -> Path:
                 signal = share_signal(samples)
 
             # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
-            steps = optimise_epoch(model, lora, optimizer, samples, signal, cfg, plan, epoch, optimizer_steps, timer)
+            steps = optimise_epoch(model, lora, optimizer, scaler, samples, signal, cfg, plan, epoch, optimizer_steps,
+                                   timer)
             optimizer_steps += len(steps)
 
             # Report.
@@ -144,7 +150,7 @@ def train(cfg: TrainConfig) -> Path:
                 if distributed.is_main():
                     path = save_checkpoint(run_dir, epoch + 1, lora, {
                         "optimizer": optimizer.state_dict(), "optimizer_steps": optimizer_steps,
-                        "prompt_position": stream.position(epoch + 1), "grad_scaler": None,
+                        "prompt_position": stream.position(epoch + 1), "grad_scaler": scaler.state_dict(),
                         "seed": cfg.seed, "total_pairs": plan.total_pairs,
                     })
                     print(f"Saved {path}", flush=True)
@@ -190,7 +196,7 @@ def move_text_encoders(pipe: Any, device: torch.device) -> None:
 
 
 def sample_and_score(pipe: Any, reward: Reward, stream: PromptStream, cfg: TrainConfig, plan: BatchPlan,
-                     epoch: int, timer: PhaseTimer) -> RankSamples:
+                     epoch: int, compute_dtype: torch.dtype, timer: PhaseTimer) -> RankSamples:
     """This rank's pairs of the epoch: global pairs rank·P … rank·P + P − 1, each from its own seeded noise."""
     device = pipe.transformer.device
     first_pair = distributed.rank() * plan.pairs_per_rank
@@ -202,6 +208,7 @@ def sample_and_score(pipe: Any, reward: Reward, stream: PromptStream, cfg: Train
         prompts = stream.prompts_for(epoch, pair_ids)
         with timer("encode"):
             cond = encode_prompts(pipe, prompts, cfg.sample.guidance_scale, cfg.sample.max_sequence_length)
+            cond = cond.to(compute_dtype)
         with timer("sample"):
             generators = [pair_generator(cfg.seed, epoch, g, device) for g in pair_ids]
             traj = sample_pairs(pipe, cond, generators, cfg.sample.num_solver_steps, cfg.sample.churn_weight,
@@ -232,9 +239,9 @@ def share_signal(samples: RankSamples) -> SharedSignal:
     return SharedSignal(d=gather(d), dR=gather(dR), cond=cond)
 
 
-def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Optimizer, samples: RankSamples,
-                   signal: SharedSignal, cfg: TrainConfig, plan: BatchPlan, epoch: int, steps_before: int,
-                   timer: PhaseTimer) -> list[dict[str, float]]:
+def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   samples: RankSamples, signal: SharedSignal, cfg: TrainConfig, plan: BatchPlan, epoch: int,
+                   steps_before: int, timer: PhaseTimer) -> list[dict[str, float]]:
     """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle.
 
     Timed phases: "exchange" (items fetched from their ranks), "train" (micro-batches without gradient
@@ -259,7 +266,7 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
             """Accumulate micro-batch m's gradient; returns its loss, policy loss, kl, clipfrac and mean |ρ − 1|."""
             rows = slice(m * plan.train_batch_size, (m + 1) * plan.train_batch_size)
             terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
-            (terms.loss / micro_batches).backward()
+            scaler.scale(terms.loss / micro_batches).backward()
             bar.update()
             return torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac,
                                 (terms.ratio - 1).abs().mean()])
@@ -273,13 +280,19 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
         if k == 0:
             ratio_dev_first = per_micro_batch[0][4].item()
         with timer("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm).item()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when a gradient is not finite (fp16 overflow); the scale then halves
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         totals = distributed.all_reduce_mean(torch.stack(per_micro_batch)[:, :4].mean(dim=0))
+        skipped = not math.isfinite(grad_norm)
         stats.append({"kind": "step", "epoch": epoch, "step": steps_before + k + 1, "loss": totals[0].item(),
                       "policy_loss": totals[1].item(), "kl": totals[2].item(), "clipfrac": totals[3].item(),
-                      "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"], "wall_time": time.time()})
+                      "grad_norm": None if skipped else grad_norm, "lr": optimizer.param_groups[0]["lr"],
+                      **({"grad_scale": scale, "skipped": skipped} if scaler.is_enabled() else {}),
+                      "wall_time": time.time()})
     bar.close()
     stats[0]["ratio_dev_first_micro_batch"] = ratio_dev_first
     return stats
@@ -328,7 +341,10 @@ def report_epoch(log: RunLog, epoch: int, samples: RankSamples, steps: list[dict
         images = {"pair": wandb.Image(side_by_side, caption=f"R = {r[0]:.3f} | {r[1]:.3f}: {samples.prompts[0]}")}
     log.write(record, images)
     # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
+    norms = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
+    skipped = sum(s.get("skipped", False) for s in steps)
     distributed.print0(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
                        f"clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
-                       f"grad norm {sum(s['grad_norm'] for s in steps) / len(steps):.3g}, "
-                       f"{record['pairs_per_s']:.2f} pairs/s")
+                       f"grad norm {sum(norms) / len(norms) if norms else float('nan'):.3g}, "
+                       + (f"{skipped} of {len(steps)} steps skipped (fp16 overflow), " if skipped else "")
+                       + f"{record['pairs_per_s']:.2f} pairs/s")

@@ -10,6 +10,7 @@ from fdfo.checkpoint import CheckpointError
 from fdfo.cli import parse, parse_train_config
 from fdfo.config import GenerateConfig
 from fdfo.generate_run import generate
+from fdfo.generation import image_noise, to_uint8
 from fdfo.grid import grid_size, make_grid
 from fdfo.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
 from fdfo.lora import LoraLoadError, attach_lora_from, lora_config
@@ -52,6 +53,42 @@ def test_grid_geometry():
     assert labelled.getpixel((margin + 8 + 32, caption_height + 32)) == pixel
     with pytest.raises(ValueError, match="one label per row"):
         make_grid(images, ["a cat", "a dog"], rows=2, cols=3, row_labels=["base model"])
+
+
+def test_image_noise_is_drawn_as_published():
+    # One CPU generator per image, seeded with seed mod 2³¹, drawn in the pipeline's dtype as (1, C, h, w).
+    seeds = [0, 7, 2**31 + 5]
+    for dtype in (torch.float32, torch.bfloat16):
+        noise = image_noise(seeds, (16, 8, 8), dtype)
+        assert noise.dtype == dtype and noise.shape == (3, 16, 8, 8)
+        for row, seed in zip(noise, seeds):
+            expected = torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(seed % 2**31), dtype=dtype)
+            assert torch.equal(row, expected[0])
+    assert torch.equal(image_noise([2**31 + 5], (16, 8, 8), torch.float32), image_noise([5], (16, 8, 8), torch.float32))
+
+
+def test_uint8_conversion_is_the_published_one():
+    # x·255 + 0.5 in bf16, clipped, truncated: 0.8125·255 = 207.19 rounds to 207 in bf16, + 0.5 ties to 208
+    # (round(255·x) gives 207); 1/512 gives 1 (round: 0); 1.0 gives 255.5 → 256 in bf16, clipped to 255.
+    x = torch.tensor([0.0, 1 / 512, 0.8125, 1.0], dtype=torch.bfloat16)
+    assert to_uint8(x).tolist() == [0, 1, 208, 255]
+    assert to_uint8(torch.tensor([0.5, 0.8125])).tolist() == [128, 207]  # float32: 127.5 + 0.5; 207.69
+
+
+def test_generation_defaults_to_the_pipelines_t5_length_and_the_published_seeds(tmp_path, monkeypatch):
+    assert parse(GenerateConfig, []).max_sequence_length == 256
+    # As published, image i of the grid (prompt-major) starts from seed + i: prompt 2's images are 14 and 15.
+    calls = {}
+
+    def spy(pipe, prompts, seeds, *args, **kwargs):
+        calls.update(prompts=prompts, seeds=seeds)
+        return torch.zeros(len(prompts), 3, 8, 8, dtype=torch.uint8)
+    monkeypatch.setattr("fdfo.generate_run.generate_images", spy)
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
+    generate(parse(GenerateConfig, ["--pretrained-model", "tiny", "--prompts", str(tmp_path / "prompts.txt"),
+                                    "--seed", "10", "--grid-rows", "1", "--grid-cols", "2",
+                                    "--out", str(tmp_path / "grid.png")]))
+    assert calls == {"prompts": ["a", "a", "b", "b", "c", "c"], "seeds": [10, 11, 12, 13, 14, 15]}
 
 
 def test_train_then_generate_round_trip(tmp_path):

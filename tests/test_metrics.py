@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,21 @@ def test_seed_formula_and_round_robin_dealing():
     assert rank_prompt_indices(7, 0, 3) == [0, 3, 6] and rank_prompt_indices(7, 2, 3) == [2, 5]
     dealt = sorted(i for r in range(4) for i in rank_prompt_indices(10, r, 4))
     assert dealt == list(range(10))
+
+
+def test_prompts_are_shuffled_as_published():
+    # The published metrics shuffle the list with numpy's legacy RandomState(prompt_seed).shuffle.
+    prompts = [f"prompt {i}" for i in range(200)]
+    published = list(prompts)
+    np.random.RandomState(3).shuffle(published)
+    assert select_prompts(prompts, 50, seed=3) == published[:50]
+    assert prompts == [f"prompt {i}" for i in range(200)]  # the caller's list is left alone
+
+
+def test_defaults_are_the_published_evaluations():
+    cfg = parse(MetricsConfig, [])
+    assert (cfg.prompt_set, cfg.num_prompts, cfg.num_repeats, cfg.metrics) == ("hpdv2", 500, 1, ("pickscore",))
+    assert cfg.max_sequence_length == 256  # the pipeline's default; training's prompts stay at 128
 
 
 def test_prompt_selection_is_seeded_and_capped():

@@ -73,6 +73,24 @@ def test_vlm_sharded_over_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(torch.tensor(got["scores"]), expected, rtol=0, atol=1e-5)
 
 
+def test_vlm_buffers_are_bf16_as_in_the_published_reward(tmp_path):
+    # The published trainer wraps the VLM in FSDP1 with MixedPrecision(buffer_dtype=bf16), which rounds the
+    # rotary frequencies to bf16. Ours casts the buffers the same way: same scores as FSDP1's, not fp32's.
+    torchrun(1, Path(__file__).parent / "vlm_fsdp1_worker.py", str(tmp_path / "fsdp1.json"))
+    published = torch.tensor(json.loads((tmp_path / "fsdp1.json").read_text()))
+    questions = [TRAIN_QUESTION.format(prompt=p) for p in PROMPTS]
+    vlm = YesNoVlm(*random_qwen_vl(), CPU, buffer_dtype=torch.bfloat16)
+    assert {b.dtype for b in vlm.model.buffers()} == {torch.bfloat16}
+    ours = vlm.score(images(), questions, resize=504)
+    exact = YesNoVlm(*random_qwen_vl(), CPU).score(images(), questions, resize=504)
+    print(f"tiny VLM: bf16 vs fp32 buffers max |difference| {(ours - exact).abs().max():.2e}, "
+          f"ours vs FSDP1 {(ours - published).abs().max():.2e}")
+    torch.testing.assert_close(ours, published, rtol=0, atol=1e-5)
+    assert (ours - exact).abs().max() > 10 * (ours - published).abs().max()
+    reward = build_reward("vlm_alignment", CPU, twins="tiny")  # the training reward's default
+    torch.testing.assert_close(reward(images(), PROMPTS).total, ours, rtol=0, atol=1e-5)
+
+
 def test_combined_preset_is_the_weighted_sum_of_its_terms():
     reward = build_reward("combined", CPU, twins="tiny")
     out = reward(images(), PROMPTS)

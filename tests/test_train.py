@@ -79,6 +79,32 @@ def test_resume_continues_exactly(tmp_path):
     assert config["batch_plan"]["pairs_per_rank"] == 8
 
 
+def test_fp16_recipe_scales_the_loss_resumes_exactly_and_logs_skipped_steps(tmp_path, monkeypatch):
+    # The published recipe: fp16 autocast and a gradient scaler (on a CPU over fp32 weights).
+    fp16 = [*SMALL, "--precision", "fp16", "--total-pairs-per-epoch", "4", "--sample.num-solver-steps", "2",
+            "--save-freq", "1"]
+    straight = train(parse_train_config([*fp16, "--runs-dir", str(tmp_path / "a"), "--num-epochs", "2"]))
+    first = train(parse_train_config([*fp16, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "1"]))
+    resumed = train(parse_train_config([*fp16, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "2",
+                                        "--resume-from", str(first)]))
+    for key, value in lora_weights(straight, 2).items():  # the scaler's state travels with the checkpoint
+        assert torch.equal(lora_weights(resumed, 2)[key], value), key
+    steps = [r for r in read_log(resumed) if r["kind"] == "step"]
+    assert [(r["grad_scale"], r["skipped"]) for r in steps] == [(65536.0, False)] * 4
+    assert steps[0]["ratio_dev_first_micro_batch"] == 0.0  # sampling and training under the same fp16 autocast
+
+    # A step whose fp16 gradients overflow is skipped, logged, and the scale backs off.
+    class Overflowing(torch.amp.GradScaler):
+        def __init__(self, device, enabled):
+            super().__init__(device, init_scale=2.0**100, backoff_factor=2.0**-90, enabled=enabled)
+    monkeypatch.setattr(torch.amp, "GradScaler", Overflowing)
+    run_dir = train(parse_train_config([*fp16, "--runs-dir", str(tmp_path / "c"), "--num-epochs", "1"]))
+    first_step, second_step = [r for r in read_log(run_dir) if r["kind"] == "step"]
+    assert (first_step["skipped"], first_step["grad_norm"], first_step["grad_scale"]) == (True, None, 2.0**100)
+    assert (second_step["skipped"], second_step["grad_scale"]) == (False, 2.0**10)
+    assert math.isfinite(second_step["grad_norm"])
+
+
 def test_run_folder_layout(tmp_path):
     run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1"]))
     assert run_dir.name == "00000-compressibility-cfg_1p0"

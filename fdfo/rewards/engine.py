@@ -64,9 +64,11 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError("Rewards take float images with values in [0, 1]; convert uint8 images with x / 255.")
 
 
-def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_name: str, shard_vlm: bool) -> Scorer:
+def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_name: str, shard_vlm: bool,
+                 vlm_buffers: str = "bf16") -> Scorer:
     """The scorer of a reward term. `twins`: None = the real models; "tiny" = tiny random twins (offline
-    tests); "full" = random weights with the real shapes (GPU benchmarks)."""
+    tests); "full" = random weights with the real shapes (GPU benchmarks). `vlm_buffers`: the dtype of the
+    VLM's rotary frequencies, "bf16" as in the published training reward or "fp32"."""
     if name == "brightness":
         from fdfo.rewards.brightness import brightness
         return brightness
@@ -82,10 +84,11 @@ def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_n
     if name == "vlm_alignment":
         from fdfo.rewards.twins import vlm_twin
         from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm
+        buffer_dtype = {"bf16": torch.bfloat16, "fp32": None}[vlm_buffers]
         if twins:
-            vlm = YesNoVlm(*vlm_twin(twins, device), device, shard=shard_vlm)
+            vlm = YesNoVlm(*vlm_twin(twins, device), device, shard=shard_vlm, buffer_dtype=buffer_dtype)
         else:
-            vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm)
+            vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm, buffer_dtype=buffer_dtype)
         return lambda images, prompts: vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts],
                                                  resize=504)
     raise ValueError(f"Unknown reward term `{name}`; valid terms are: {', '.join(sorted(valid_terms()))}.")
@@ -96,7 +99,7 @@ def valid_terms() -> set[str]:
 
 
 def build_reward(preset: str, device: torch.device, twins: str | None = None, vlm_model_name: str = "qwenvl-7b",
-                 shard_vlm: bool = True) -> Reward:
+                 shard_vlm: bool = True, vlm_buffers: str = "bf16") -> Reward:
     """The reward of a preset; `twins` ("tiny" or "full") swaps model-based terms for random-weight twins.
 
     With several ranks and `shard_vlm`, the VLM's parameters are sharded over the ranks (FSDP2): every
@@ -104,5 +107,5 @@ def build_reward(preset: str, device: torch.device, twins: str | None = None, vl
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown reward preset `{preset}`; valid presets are: {', '.join(PRESETS)}.")
-    return Reward([RewardTerm(name, weight, build_scorer(name, device, twins, vlm_model_name, shard_vlm))
+    return Reward([RewardTerm(name, weight, build_scorer(name, device, twins, vlm_model_name, shard_vlm, vlm_buffers))
                    for name, weight in PRESETS[preset]])

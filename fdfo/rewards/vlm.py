@@ -12,25 +12,34 @@ TRAIN_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No
 
 
 class YesNoVlm:
-    """A chat VLM asked one question per image; the answer's Yes/No logits give a score in [0, 100]."""
+    """A chat VLM asked one question per image; the answer's Yes/No logits give a score in [0, 100].
 
-    def __init__(self, model: torch.nn.Module, processor, device: torch.device, shard: bool = False):
+    `buffer_dtype` casts the model's floating buffers (the rotary frequencies of the vision tower and
+    the decoder): bf16 reproduces the published training reward, whose FSDP1 mixed precision casts them
+    (also on one GPU); None keeps them exact, as the published evaluation does.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, device: torch.device, shard: bool = False,
+                 buffer_dtype: torch.dtype | None = None):
         self.processor, self.device = processor, device
         self.processor.tokenizer.padding_side = "left"  # the last position is the answer's for every row
         self.yes, self.no = (single_token(processor.tokenizer, word) for word in ("Yes", "No"))
         self.model = model.to(device).eval().requires_grad_(False)
+        if buffer_dtype is not None:
+            cast_buffers(self.model, buffer_dtype)
         use_packed_window_attention(self.model)
         self.sharded = shard and distributed.world_size() > 1
         if self.sharded:
             shard_model(self.model)
 
     @classmethod
-    def from_pretrained(cls, name: str, device: torch.device, shard: bool) -> YesNoVlm:
+    def from_pretrained(cls, name: str, device: torch.device, shard: bool,
+                        buffer_dtype: torch.dtype | None = None) -> YesNoVlm:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         model_id = VLM_MODELS[name]
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-        return cls(model, AutoProcessor.from_pretrained(model_id), device, shard)
+        return cls(model, AutoProcessor.from_pretrained(model_id), device, shard, buffer_dtype)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, questions: list[str], resize: int | None) -> torch.Tensor:
@@ -45,6 +54,14 @@ class YesNoVlm:
         inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
         logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
         return 100 * torch.sigmoid(logits[:, self.yes] - logits[:, self.no])
+
+
+def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating buffer of `model` in `dtype`, as FSDP1's MixedPrecision(buffer_dtype=dtype) leaves them."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
 
 
 def chat(question: str) -> list[dict]:
