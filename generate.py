@@ -1,8 +1,8 @@
 """Image grids from a checkpoint (ours or the published ones): `python generate.py --checkpoint CKPT --out out.jpg`."""
 
-from fdfo.cli import parse
+from fdfo.cli import main
 from fdfo.config import GenerateConfig
 from fdfo.generate_run import generate
 
 if __name__ == "__main__":
-    generate(parse(GenerateConfig))
+    main(generate, GenerateConfig)

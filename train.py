@@ -1,7 +1,8 @@
 """FDFO training: `python train.py [flags]` on one device, `torchrun --nproc_per_node=N train.py [flags]` on many."""
 
-from fdfo.cli import parse_train_config
+from fdfo.cli import main
+from fdfo.config import TrainConfig
 from fdfo.train_loop import train
 
 if __name__ == "__main__":
-    train(parse_train_config())
+    main(train, TrainConfig)

@@ -39,6 +39,8 @@ def plan_batches(
     train_batch_size: int | None = None,
 ) -> BatchPlan:
     """Split an epoch's pairs over ranks, sampling batches and optimiser steps; explicit sizes win."""
+    if total_pairs_per_epoch < 1:
+        raise ConfigError(f"--total-pairs-per-epoch must be at least 1; got {total_pairs_per_epoch}.")
     if world_size < 1:
         raise ConfigError(f"The world size must be at least 1, got {world_size}.")
     if gradient_steps_per_epoch < 1:

@@ -4,38 +4,71 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import tyro
 
-from fdfo.config import TINY_PRESET, ConfigError, TrainConfig, load_config_file, read_toml, with_overrides
+from fdfo import distributed
+from fdfo.config import TINY_PRESET, TrainConfig, load_config_file, read_toml, with_overrides
+from fdfo.errors import UserError
+from fdfo.resume import resumed_settings
 
 T = TypeVar("T")
 
 
 def parse(cls: type[T], args: list[str] | None = None) -> T:
     """Parse `args` (default: sys.argv) into `cls`. Layers, later ones winning: the paper's defaults;
-    for training with `--pretrained-model tiny`, configs/tiny.toml (a CPU-sized demo); `--config FILE`;
-    the flags."""
+    for training with `--pretrained-model tiny`, configs/tiny.toml (a CPU-sized demo); when resuming, the
+    settings saved with the checkpoint; `--config FILE`; the flags."""
     args = sys.argv[1:] if args is None else list(args)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     pre.add_argument("--pretrained-model", default=None)
+    pre.add_argument("--resume-from", type=Path, default=None)
     known, _ = pre.parse_known_args(args)
-    try:
-        default = cls()
-        user_file = read_toml(known.config) if known.config else {}
-        model = known.pretrained_model or user_file.get("pretrained_model", getattr(default, "pretrained_model", None))
-        if cls is TrainConfig and model == "tiny":
-            default = dataclasses.replace(load_config_file(cls, TINY_PRESET), config=None)
-        if known.config:
-            default = with_overrides(dataclasses.replace(default, config=known.config), user_file, str(known.config))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    default = cls()
+    user_file = read_toml(known.config) if known.config else {}
+    resume_from = known.resume_from or user_file.get("resume_from")
+    checkpoint, resumed = resumed_settings(resume_from) if cls is TrainConfig and resume_from else (None, {})
+    model = (known.pretrained_model or user_file.get("pretrained_model") or resumed.get("pretrained_model")
+             or getattr(default, "pretrained_model", None))
+    if cls is TrainConfig and model == "tiny":
+        default = dataclasses.replace(load_config_file(cls, TINY_PRESET), config=None)
+    if resumed:
+        default = with_overrides(default, resumed, f"{checkpoint}/settings.json")
+    if known.config:
+        default = with_overrides(dataclasses.replace(default, config=known.config), user_file, str(known.config))
     return tyro.cli(cls, args=args, default=default, description=cls.__doc__)
 
 
 def parse_train_config(args: list[str] | None = None) -> TrainConfig:
     return parse(TrainConfig, args)
+
+
+def main(entry: Callable[[T], Any], cls: type[T], args: list[str] | None = None) -> None:
+    """The body of an entry point: parse the command line into `cls` and call `entry` with it.
+
+    A UserError (bad input, a missing or damaged file) prints as one line and exits with 2; FDFO_DEBUG=1
+    shows its traceback instead. Ctrl-C (or SIGTERM, e.g. from a scheduler) exits with 130 (143) once
+    `entry` has said where things stand.
+    """
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        entry(parse(cls, args))
+    except UserError as e:
+        if os.environ.get("FDFO_DEBUG"):
+            raise
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(143 if terminated else 130)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import tyro
+
+from fdfo.errors import UserError
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +27,7 @@ EvalPrecision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message says which flag to change."""
 
 
@@ -137,9 +142,92 @@ class MetricsConfig:
     precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
 
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse settings the run cannot use, before anything is written or loaded."""
+    t, sample = cfg.train, cfg.sample
+    for flag, value in [("--num-epochs", cfg.num_epochs), ("--total-pairs-per-epoch", cfg.total_pairs_per_epoch),
+                        ("--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch), ("--lora-rank", cfg.lora_rank),
+                        ("--lora-alpha", cfg.lora_alpha), ("--save-freq", cfg.save_freq),
+                        ("--sample.num-solver-steps", sample.num_solver_steps),
+                        ("--sample.max-sequence-length", sample.max_sequence_length)]:
+        require(value >= 1, f"{flag} must be at least 1; got {value}.")
+    for flag, value in [("--max-batch-size", cfg.max_batch_size), ("--sample.batch-size", sample.batch_size),
+                        ("--train.batch-size", t.batch_size)]:
+        require(value is None or value >= 1, f"{flag} must be at least 1 (or left unset); got {value}.")
+    check_resolution(sample.resolution, "--sample.resolution")
+    require(sample.churn_weight >= 0, f"--sample.churn-weight must be 0 or more (the paper's is 0.0025); got "
+                                      f"{sample.churn_weight}.")
+    require(sample.guidance_scale >= 0, f"--sample.guidance-scale must be 0 or more (1 = no guidance); got "
+                                        f"{sample.guidance_scale}.")
+    require(t.learning_rate >= 0, f"--train.learning-rate must be 0 or more (the paper's is 3e-5); got {t.learning_rate}.")
+    for flag, value in [("--train.adam-beta1", t.adam_beta1), ("--train.adam-beta2", t.adam_beta2)]:
+        require(0 <= value < 1, f"{flag} must be in [0, 1); got {value}.")
+    require(t.adam_eps > 0, f"--train.adam-eps must be more than 0; got {t.adam_eps}.")
+    require(t.weight_decay >= 0, f"--train.weight-decay must be 0 or more; got {t.weight_decay}.")
+    require(t.max_grad_norm > 0, f"--train.max-grad-norm must be more than 0; got {t.max_grad_norm}.")
+    require(t.clip_range > 0, f"--train.clip-range must be more than 0 (the paper's is 0.03); got {t.clip_range}.")
+    require(t.kl_weight >= 0, f"--train.kl-weight must be 0 or more; got {t.kl_weight}.")
+    require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
+
+
+def check_resolution(resolution: int | None, flag: str) -> None:
+    require(resolution is None or (resolution >= 16 and resolution % 16 == 0),
+            f"{flag} must be a multiple of 16 pixels (the VAE's 8 × the transformer's patch of 2); got {resolution}.")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def check_image_out(out: Path) -> None:
+    """An image file we can write: a known extension, a folder we can create and write in."""
+    out = Path(out)
+    require(out.suffix.lower() in IMAGE_SUFFIXES, f"--out {out}: the extension decides the format; use one of "
+                                                   f"{', '.join(IMAGE_SUFFIXES)}.")
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """`out`'s folder exists (created if need be) and can be written, and `out` is not a folder."""
+    out = Path(out)
+    require(not out.is_dir(), f"--out {out} is a folder; give a file name.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create its folder ({e.strerror}); choose another path.") from None
+    require(os.access(out.parent, os.W_OK), f"--out {out}: the folder {out.parent} is not writable; choose another path.")
+
+
+def check_generate_config(cfg: GenerateConfig) -> None:
+    for flag, value in [("--grid-rows", cfg.grid_rows), ("--grid-cols", cfg.grid_cols), ("--batch-size", cfg.batch_size),
+                        ("--num-solver-steps", cfg.num_solver_steps),
+                        ("--max-sequence-length", cfg.max_sequence_length)]:
+        require(value >= 1, f"{flag} must be at least 1; got {value}.")
+    check_resolution(cfg.resolution, "--resolution")
+    check_image_out(cfg.out)
+
+
+def check_metrics_config(cfg: MetricsConfig) -> None:
+    for flag, value in [("--num-prompts", cfg.num_prompts), ("--num-repeats", cfg.num_repeats),
+                        ("--batch-size", cfg.batch_size), ("--num-solver-steps", cfg.num_solver_steps),
+                        ("--max-sequence-length", cfg.max_sequence_length)]:
+        require(value >= 1, f"{flag} must be at least 1; got {value}.")
+    require("dreamsim_diversity" not in cfg.metrics or cfg.num_repeats >= 2,
+            "dreamsim_diversity compares the repeats of a prompt: give --num-repeats 2 or more.")
+    check_resolution(cfg.resolution, "--resolution")
+    if cfg.out is not None:
+        check_writable(cfg.out)
+
+
 def with_overrides(instance: Any, overrides: dict[str, Any], where: str) -> Any:
-    """`instance` with the fields named in `overrides` replaced; nested dataclasses take nested tables."""
+    """`instance` with the fields named in `overrides` replaced; nested dataclasses take nested tables.
+    Every value is checked against the field's type, so a typo fails here, before any model loads."""
     fields = {f.name: f for f in dataclasses.fields(instance)}
+    types = typing.get_type_hints(type(instance))
     changes = {}
     for key, value in overrides.items():
         name = key.replace("-", "_")
@@ -149,13 +237,46 @@ def with_overrides(instance: Any, overrides: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: `{key}` is a section; write it as a [{key}] table.")
-            value = with_overrides(current, value, f"{where} [{key}]")
-        elif isinstance(current, Path) or (current is None and "Path" in str(fields[name].type)):
-            value = Path(value)
-        elif isinstance(current, tuple):
-            value = tuple(value)
-        changes[name] = value
+            changes[name] = with_overrides(current, value, f"{where} [{key}]")
+        else:
+            changes[name] = typed_value(value, types[name], f"{where}: `{key}`")
     return dataclasses.replace(instance, **changes)
+
+
+def typed_value(value: Any, annotation: Any, what: str) -> Any:
+    """A TOML value as a field of type `annotation` holds it (a Path, a tuple…), or a ConfigError naming `what`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value is None and type(None) in args:  # JSON's null (a resumed run's settings); TOML has none
+        return None
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{what} must be one of {', '.join(repr(a) for a in args)}; got {value!r}.")
+    if origin in (typing.Union, types.UnionType):
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return typed_value(value, arm, what)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{what} must be {' or '.join(describe(a) for a in args if a is not type(None))}; "
+                          f"got {value!r}.")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{what} must be a list, e.g. [{describe(args[0])}, ...]; got {value!r}.")
+        return tuple(typed_value(v, args[0], what) for v in value)
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), Path: isinstance(value, str)}[annotation]
+    if not ok:
+        raise ConfigError(f"{what} must be {describe(annotation)}; got {value!r}.")
+    return annotation(value) if annotation in (float, Path) else value
+
+
+def describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"
+            }.get(annotation, str(annotation))
 
 
 def read_toml(path: Path) -> dict[str, Any]:

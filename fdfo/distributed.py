@@ -31,7 +31,8 @@ def shutdown() -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before the process group exists, the one torchrun gave it (0 without torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fdfo import distributed
-from fdfo.config import PROJECT_ROOT, ConfigError, MetricsConfig, to_jsonable
+from fdfo.config import PROJECT_ROOT, MetricsConfig, check_metrics_config, to_jsonable
 from fdfo.generation import generate_images, load_with_checkpoint
 from fdfo.hub import resolve_checkpoint
 from fdfo.models import REWARD_TWINS
@@ -36,14 +36,6 @@ VLM_QUESTIONS = {
     "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
     "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
 }
-
-
-def check_request(cfg: MetricsConfig) -> None:
-    """Refuse impossible requests before any model loads."""
-    if "dreamsim_diversity" in cfg.metrics and cfg.num_repeats < 2:
-        raise ConfigError("dreamsim_diversity compares the repeats of a prompt: give --num-repeats 2 or more.")
-    if cfg.num_prompts < 1 or cfg.num_repeats < 1:
-        raise ConfigError("--num-prompts and --num-repeats must be at least 1.")
 
 
 def prompt_set(name: str, offline: bool) -> list[str]:
@@ -133,9 +125,8 @@ def dreamsim_embedder(device: torch.device, random: bool) -> Callable[[torch.Ten
         projection = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0))
         return lambda images, prompts: torch.nn.functional.normalize(torch.nn.functional.interpolate(
             images.float() / 255, size=(16, 16), mode="area").flatten(1) @ projection, dim=-1)
-    from dreamsim import dreamsim
     from PIL import Image
-    model, preprocess = dreamsim(pretrained=True, device=str(device))
+    model, preprocess = load_dreamsim(device)
 
     @torch.no_grad()
     def embed(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -144,9 +135,35 @@ def dreamsim_embedder(device: torch.device, random: bool) -> Callable[[torch.Ten
     return embed
 
 
+# facebookresearch/dino's last commit (2023-04-27): DreamSim fetches the DINO ViT-B/16 code from this repository
+# with torch.hub, by default from the branch `main`, and runs it.
+DINO_COMMIT = "7c446df5b9f45747937fb0d72314eb9f7b66930a"
+
+
+def load_dreamsim(device: torch.device):
+    """DreamSim (its ensemble model, as the published evaluation), downloaded once into torch's hub cache
+    (`<hub dir>/dreamsim`, not the working folder), with the DINO code it fetches pinned to DINO_COMMIT.
+    Rank 0 downloads first; the others then read the cache."""
+    from dreamsim import dreamsim
+    hub_dir, fetch = torch.hub.get_dir(), torch.hub.load
+    cache = Path(hub_dir) / "dreamsim"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def pinned(repo: str, model: str, *args, **kwargs):
+        repo = f"facebookresearch/dino:{DINO_COMMIT}" if repo == "facebookresearch/dino:main" else repo
+        return fetch(repo, model, *args, trust_repo=True, **kwargs)
+    with distributed.rank0_first():
+        torch.hub.load = pinned
+        try:
+            return dreamsim(pretrained=True, device=str(device), cache_dir=str(cache))
+        finally:  # DreamSim points torch.hub at its cache folder for the whole process: put both back
+            torch.hub.load = fetch
+            torch.hub.set_dir(hub_dir)
+
+
 def evaluate(cfg: MetricsConfig) -> dict:
     """Run the evaluation; rank 0 prints the table, writes --out and returns the results."""
-    check_request(cfg)
+    check_metrics_config(cfg)
     start = time.time()
     twins = REWARD_TWINS.get(cfg.pretrained_model)
     checkpoint = resolve_checkpoint(cfg.checkpoint)

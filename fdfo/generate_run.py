@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fdfo import distributed
-from fdfo.config import PROJECT_ROOT, GenerateConfig
+from fdfo.config import PROJECT_ROOT, GenerateConfig, check_generate_config
 from fdfo.generation import generate_images, load_with_checkpoint
 from fdfo.grid import make_grid
 from fdfo.hub import resolve_checkpoint
@@ -16,6 +16,7 @@ DEFAULT_PROMPTS = PROJECT_ROOT / "prompt_sets" / "generate_default.txt"
 
 def generate(cfg: GenerateConfig) -> Path:
     """Write the grid to cfg.out and return its path."""
+    check_generate_config(cfg)
     prompts = load_prompts(cfg.prompts or DEFAULT_PROMPTS)
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
@@ -26,7 +27,6 @@ def generate(cfg: GenerateConfig) -> Path:
                              cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length, cfg.batch_size)
     grid = make_grid(images, prompts, cfg.grid_rows, cfg.grid_cols)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out, **({"quality": 95} if out.suffix.lower() in (".jpg", ".jpeg") else {}))
     print(f"Wrote {out} ({grid.width}×{grid.height} px, {len(prompts)} prompts × {per_prompt} images)", flush=True)
     return out

@@ -8,13 +8,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from fdfo.errors import UserError
+
 # Joint-attention projections of every block (the dual-attention `attn2` layers are left alone).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class LoraLoadError(RuntimeError):
+class LoraLoadError(UserError, RuntimeError):
     """A LoRA folder that does not fit the model; nothing was loaded."""
 
 

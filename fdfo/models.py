@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from fdfo import tiny
+from fdfo.errors import UserError
 
 RANDOM_MODELS = {"tiny": "tiny", "sd35m-random": "sd35m"}
 # The reward models that go with a random base model: tiny twins, or full-size random weights.
 REWARD_TWINS = {"tiny": "tiny", "sd35m-random": "full"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The base model could not be loaded; the message says what to do."""
 
 
@@ -41,6 +43,10 @@ def training_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, 
 
 def load_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:
     """All SD3 parts (transformer, VAE, three text encoders and tokenizers, scheduler) on `device`, frozen."""
+    # diffusers warns at every batch with a prompt longer than CLIP's 77 or T5's `max_sequence_length` tokens
+    # (printing the wrong text as removed, for T5). Truncation is how SD3 reads prompts, not news: only its
+    # errors are shown, as in the published code.
+    logging.getLogger(StableDiffusion3Pipeline.__module__).setLevel(logging.ERROR)
     if name in RANDOM_MODELS:
         return tiny.random_pipeline(RANDOM_MODELS[name], device=device, dtype=dtype)
     try:

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from fdfo.config import project_path
+from fdfo.errors import UserError
 
 PICKSCORE_TRAIN_URL = (
     "https://raw.githubusercontent.com/NVlabs/finite-difference-flow-optimization/main/prompt_sets/pickscore_train.txt"
 )
 
 
-class PromptFileError(FileNotFoundError):
+class PromptFileError(UserError, FileNotFoundError):
     pass
 
 
@@ -24,7 +25,12 @@ def load_prompts(path: Path) -> list[str]:
                 f"{PICKSCORE_TRAIN_URL}" if path.name == "pickscore_train.txt" else "")
     if not path.is_file():
         raise PromptFileError(f"The prompt file {path} does not exist.{download}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"The prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                              "UTF-8, one prompt a line.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptFileError(f"The prompt file {path} holds no prompts (one prompt a line).{download}")
     return prompts

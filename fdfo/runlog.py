@@ -1,17 +1,25 @@
-"""The run folder and its records: config.json, training_log.jsonl and reward_curve.png (always), Weights &
-Biases (when asked)."""
+"""The run folder and its records: config.json (settings, their history, the batch plan), training_log.jsonl and
+reward_curve.png (always), Weights & Biases (when asked)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fdfo import distributed
+from fdfo.checkpoint import checkpoint_dir, read_settings
 from fdfo.plots import REWARD_CURVE, plot_reward_curve
+from fdfo.resume import Resume, run_of
 
 LOG_FILE = "training_log.jsonl"
+CONFIG_FILE = "config.json"
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
@@ -24,28 +32,81 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
     return run_dir
 
 
+def open_run_dir(settings: dict[str, Any], batch_plan: dict[str, Any], runs_dir: Path, name: str,
+                 resume: Resume | None) -> Path:
+    """The run folder, with config.json: the settings now, the batch plan, and the history of the settings
+    (which epochs ran under which values). A fresh run gets a new folder in `runs_dir`; a branch (a resume
+    from a checkpoint that is not its run's newest) one beside its parent run, holding a copy of its
+    starting checkpoint and of the parent's log up to it, and naming its parent. Rank 0 writes; every rank
+    gets the path."""
+    run_dir = None
+    if distributed.is_main():
+        config = {"config": settings, "batch_plan": batch_plan}
+        if resume is not None and resume.run_dir is not None:  # in place
+            run_dir = resume.run_dir
+            previous = read_json(run_dir / CONFIG_FILE)
+            config |= {"wandb_id": previous.get("wandb_id", uuid.uuid4().hex[:16]),
+                       "history": previous.get("history") or [{"from_epoch": 0, "settings": previous.get("config")}]}
+        else:  # a new run, or a branch: beside its parent run
+            parent = run_of(resume.checkpoint) if resume is not None else None
+            run_dir = new_run_dir(parent.parent if parent else runs_dir, name)
+            config |= {"wandb_id": uuid.uuid4().hex[:16], "history": [{"from_epoch": 0, "settings": settings}]}
+        if resume is not None and resume.run_dir is None:  # a branch
+            epochs = resume.state.epochs_done
+            inherited = read_json(parent / CONFIG_FILE).get("history") if parent else None
+            config["parent"] = {"run_dir": str(parent) if parent else None, "checkpoint": str(resume.checkpoint)}
+            config["history"] = ([h for h in inherited if h["from_epoch"] < epochs] if inherited else
+                                 [{"from_epoch": 0, "settings": read_settings(resume.checkpoint)}])
+            shutil.copytree(resume.checkpoint, checkpoint_dir(run_dir, epochs))
+            if parent:
+                kept = [line for line in read_lines(parent / LOG_FILE) if json.loads(line)["epoch"] < epochs]
+                (run_dir / LOG_FILE).write_text("".join(line + "\n" for line in kept))
+        if resume is not None and resume.changes:
+            config["history"].append({"from_epoch": resume.state.epochs_done, "changed": resume.changes})
+        config["run_dir"] = str(run_dir)
+        write_json(run_dir / CONFIG_FILE, config)
+    return Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Through a temporary file and a rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 class RunLog:
     """Appends records to training_log.jsonl on rank 0, redraws reward_curve.png after every epoch record, and
     mirrors the records to W&B if enabled."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], use_wandb: bool, resume_epoch: int | None = None):
+    def __init__(self, run_dir: Path, use_wandb: bool, resume_epoch: int | None = None):
         self.path = Path(run_dir) / LOG_FILE
         self.wandb = None
         self.epochs: list[dict[str, Any]] = []  # the epoch records so far, for the reward curve
         if not distributed.is_main():
             return
-        if resume_epoch is not None and self.path.exists():  # drop records of epochs that will run again
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["epoch"] < resume_epoch]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-            self.epochs = [r for r in map(json.loads, kept) if r["kind"] == "epoch"]
+        kept = [line for line in read_lines(self.path) if resume_epoch is not None and
+                json.loads(line)["epoch"] < resume_epoch]  # a fresh log, or one without the epochs to run again
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self.epochs = [r for r in map(json.loads, kept) if r["kind"] == "epoch"]
         if use_wandb:
             import wandb
-            self.wandb = wandb.init(project="fdfo", name=Path(run_dir).name, dir=str(run_dir), config=config,
-                                    resume="allow", id=Path(run_dir).name.replace("/", "_"))
+            config = read_json(Path(run_dir) / CONFIG_FILE)
+            self.wandb = wandb.init(project="fdfo", name=Path(run_dir).name, dir=str(run_dir), config=config["config"],
+                                    resume="allow", id=config["wandb_id"])
 
-    def write(self, record: dict[str, Any], images: dict[str, Any] | None = None) -> None:
+    def write(self, record: dict[str, Any], images: dict[str, tuple[np.ndarray, str]] | None = None) -> None:
+        """Append `record`; `images` (name → (uint8 array of height × width × 3, caption)) go to W&B only."""
         if not distributed.is_main():
             return
         with open(self.path, "a") as f:
@@ -54,7 +115,13 @@ class RunLog:
             self.epochs.append(record)
             plot_reward_curve(self.epochs, self.path.parent / REWARD_CURVE)
         if self.wandb is not None:
-            self.wandb.log({**{k: v for k, v in record.items() if k != "kind"}, **(images or {})})
+            import wandb
+            pictures = {}
+            for name, (pixels, caption) in (images or {}).items():
+                if pixels.dtype != np.uint8:  # W&B casts floats in [0, 1] straight to uint8: black pictures
+                    raise TypeError(f"W&B images must be uint8 arrays, got {pixels.dtype}.")
+                pictures[name] = wandb.Image(pixels, caption=caption)
+            self.wandb.log({**{k: v for k, v in record.items() if k != "kind"}, **pictures})
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,16 +18,19 @@ from tqdm import tqdm
 from fdfo import distributed
 from fdfo.batching import BatchPlan, plan_batches
 from fdfo.before_after import BEFORE_AFTER, write_before_after
-from fdfo.checkpoint import find_checkpoint, load_state, restore_rng_states, save_checkpoint
+from fdfo.checkpoint import TrainingState, run_checkpoints, save_checkpoint
 from fdfo.compile import compile_blocks, should_compile
-from fdfo.config import TrainConfig, TrainPhaseConfig, to_jsonable
+from fdfo.config import TrainConfig, TrainPhaseConfig, check_train_config, to_jsonable
 from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
 from fdfo.exchange import fetch_items, rank_slice, step_items
+from fdfo.generation import to_uint8
 from fdfo.lora import attach_lora, load_lora
 from fdfo.models import REWARD_TWINS, load_pipeline, training_dtypes
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.rewards import Reward, build_reward
-from fdfo.runlog import RunLog, new_run_dir
+from fdfo.plots import REWARD_CURVE
+from fdfo.resume import Resume, plan_resume
+from fdfo.runlog import RunLog, open_run_dir
 from fdfo.sampler import sample_pairs
 from fdfo.sd3 import PromptEmbeds, encode_prompts, predict_velocity
 from fdfo.seeding import item_permutation, pair_generator
@@ -79,15 +83,17 @@ class PhaseTimer:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or continue) a training run; returns its run folder."""
-    # Initialize: batch plan, prompts and checkpoint are checked before any model loads.
+    # Initialize: every setting, the prompts and the checkpoint are checked before anything loads or is written.
+    check_train_config(cfg)
     device = distributed.init()
     plan = plan_batches(cfg.total_pairs_per_epoch, distributed.world_size(), cfg.gradient_steps_per_epoch,
                         cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size)
     stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
-    resume = find_checkpoint(cfg.resume_from) if cfg.resume_from else None
-    run_dir = prepare_run_dir(cfg, plan, resume)
+    settings = to_jsonable(cfg)
+    resume = plan_resume(cfg.resume_from, settings, plan.total_pairs) if cfg.resume_from else None
+    announce(settings, plan, cfg.total_pairs_per_epoch, resume)
     if cfg.dry_run:
-        return run_dir
+        return Path(cfg.runs_dir) / f"<next id>-{cfg.run_name or cfg.default_run_name}"
 
     # Set up the model, its LoRA, the reward and the optimiser.
     weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
@@ -101,27 +107,24 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)  # fp16: loss scaling
     start_epoch, optimizer_steps = 0, 0
 
-    # Load previous checkpoint.
+    # Load previous checkpoint; the settings given now (a new learning rate…) apply to the restored optimiser.
     if resume is not None:
-        state = load_state(resume)
-        load_lora(lora, resume)
-        optimizer.load_state_dict(state["optimizer"])
-        if state["grad_scaler"]:
-            scaler.load_state_dict(state["grad_scaler"])
-        restore_rng_states(state["rng"])
-        start_epoch, optimizer_steps = state["epochs_done"], state["optimizer_steps"]
-        distributed.print0(f"Resumed from {resume}: {start_epoch} epochs and {optimizer_steps} steps done.")
-        if (state["seed"], state["total_pairs"]) != (cfg.seed, plan.total_pairs):
-            distributed.print0(f"Warning: the checkpoint was trained with seed {state['seed']} and "
-                               f"{state['total_pairs']} pairs per epoch, this run uses {cfg.seed} and "
-                               f"{plan.total_pairs}: it continues, but not as the uninterrupted run would have.")
+        load_lora(lora, resume.checkpoint)
+        optimizer.load_state_dict(resume.state.optimizer)
+        for group in optimizer.param_groups:
+            group.update(optimizer_settings(cfg.train))
+        if resume.state.grad_scaler and scaler.is_enabled():
+            scaler.load_state_dict(resume.state.grad_scaler)
+        start_epoch, optimizer_steps = resume.state.epochs_done, resume.state.optimizer_steps
     # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
     # would put a collective in each micro-batch and lock the ranks into step.
     model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
              else pipe.transformer)
-    log = RunLog(run_dir, to_jsonable(cfg), cfg.log_wandb, resume_epoch=start_epoch if resume else None)
+    run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
+    log = RunLog(run_dir, cfg.log_wandb, resume_epoch=start_epoch if resume else None)
 
     # Main training loop.
+    epochs_run = 0
     try:
         for epoch in range(start_epoch, cfg.num_epochs):
             timer, epoch_start = PhaseTimer(device), time.perf_counter()
@@ -144,49 +147,71 @@ def train(cfg: TrainConfig) -> Path:
 
             # Report.
             report_epoch(log, epoch, samples, steps, timer, plan, time.perf_counter() - epoch_start, cfg)
+            epochs_run += 1
 
             # Save checkpoint.
             if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
                 if distributed.is_main():
-                    path = save_checkpoint(run_dir, epoch + 1, lora, {
-                        "optimizer": optimizer.state_dict(), "optimizer_steps": optimizer_steps,
-                        "prompt_position": stream.position(epoch + 1), "grad_scaler": scaler.state_dict(),
-                        "seed": cfg.seed, "total_pairs": plan.total_pairs,
-                    })
-                    print(f"Saved {path}", flush=True)
+                    state = TrainingState(epoch + 1, optimizer_steps, plan.total_pairs, optimizer.state_dict(),
+                                          scaler.state_dict())
+                    print(f"Saved {save_checkpoint(run_dir, lora, state, settings)}", flush=True)
                 distributed.barrier()
 
         # Show what training did: the same prompts and seeds before and after.
         move_text_encoders(pipe, device)
         write_before_after(pipe, lora, reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
-        distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / 'reward_curve.png'}")
+        distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
+    except BaseException as stop:
+        if distributed.is_main():
+            report_stop(run_dir, stop, new_folder=resume is None or resume.run_dir is None, epochs_run=epochs_run)
+        raise
     finally:
         log.close()
     return run_dir
 
 
-def prepare_run_dir(cfg: TrainConfig, plan: BatchPlan, resume: Path | None) -> Path:
-    """Create (or, on resume, reuse) the run folder; print and save the resolved configuration."""
-    if distributed.is_main():
-        if resume is not None and resume.parent.name == "checkpoints":
-            run_dir = resume.parent.parent
-        elif cfg.dry_run:
-            run_dir = Path(cfg.runs_dir) / f"<next id>-{cfg.run_name or cfg.default_run_name}"
-        else:
-            run_dir = new_run_dir(cfg.runs_dir, cfg.run_name or cfg.default_run_name)
-        resolved = {"config": to_jsonable(cfg), "batch_plan": asdict(plan), "run_dir": str(run_dir)}
-        print(json.dumps(resolved, indent=2), flush=True)
-        if not cfg.dry_run:
-            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+def announce(settings: dict[str, Any], plan: BatchPlan, pairs_asked: int, resume: Resume | None) -> None:
+    """Print the resolved settings and batch plan, and in a line each what was rounded or changed on resume."""
+    distributed.print0(json.dumps({"config": settings, "batch_plan": asdict(plan)}, indent=2))
+    if plan.total_pairs != pairs_asked:
+        distributed.print0(f"--total-pairs-per-epoch {pairs_asked} rounds down to {plan.total_pairs}: "
+                           f"{plan.pairs_per_rank} pairs on each of {plan.world_size} rank(s), a multiple of what "
+                           f"{plan.gradient_steps_per_epoch} gradient steps per epoch divide evenly.")
+    if resume is None:
+        return
+    distributed.print0(f"Resuming from {resume.checkpoint}: {resume.state.epochs_done} epochs and "
+                       f"{resume.state.optimizer_steps} optimiser steps done.")
+    if resume.run_dir is None:
+        distributed.print0("It is not its run's newest checkpoint, so the run continues in a new folder (a branch "
+                           "that records its parent): the two never mix.")
+    if resume.changes:
+        distributed.print0("Changed on resume (recorded in config.json's history): " + ", ".join(
+            f"{name} {old} → {new}" for name, (old, new) in resume.changes.items()) + ".")
+
+
+def report_stop(run_dir: Path, stop: BaseException, new_folder: bool, epochs_run: int) -> None:
+    """After a crash or Ctrl-C: remove a new run folder that holds no finished epoch, and say where things stand."""
+    if new_folder and epochs_run == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        where = f"No epoch had finished, so the new run folder {run_dir} was removed."
     else:
-        run_dir = None
-    return Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+        done = run_checkpoints(run_dir)
+        where = (f"The last checkpoint is {done[-1]}; continue with: python train.py --resume-from {run_dir}"
+                 if done else f"No checkpoint was written yet in {run_dir}; the run has to start again.")
+    if isinstance(stop, KeyboardInterrupt):
+        print(f"\nInterrupted. {where}", flush=True)
+    else:
+        print(f"The run stopped with an error. {where}", flush=True)
+
+
+def optimizer_settings(train: TrainPhaseConfig) -> dict[str, Any]:
+    """AdamW's hyper-parameters from the settings (also applied to a resumed optimiser's state)."""
+    return dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                weight_decay=train.weight_decay)
 
 
 def make_optimizer(lora: torch.nn.Module, train: TrainPhaseConfig) -> torch.optim.Optimizer:
-    params = [p for p in lora.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                             eps=train.adam_eps, weight_decay=train.weight_decay)
+    return torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], **optimizer_settings(train))
 
 
 def move_text_encoders(pipe: Any, device: torch.device) -> None:
@@ -334,11 +359,10 @@ def report_epoch(log: RunLog, epoch: int, samples: RankSamples, steps: list[dict
               "pairs_per_s": plan.total_pairs / seconds,
               **{f"peak_vram_gib_{k}": v for k, v in timer.peak_gib.items()}}
     images = None
-    if log.wandb is not None and epoch % 10 == 0:
-        import wandb
+    if epoch % 10 == 0:  # the first pair side by side, for W&B
         r = samples.rewards[:2].tolist()
-        side_by_side = torch.cat(list(samples.first_images), dim=2).permute(1, 2, 0).numpy()
-        images = {"pair": wandb.Image(side_by_side, caption=f"R = {r[0]:.3f} | {r[1]:.3f}: {samples.prompts[0]}")}
+        side_by_side = to_uint8(torch.cat(list(samples.first_images), dim=2)).permute(1, 2, 0).numpy()
+        images = {"pair": (side_by_side, f"R = {r[0]:.3f} | {r[1]:.3f}: {samples.prompts[0]}")}
     log.write(record, images)
     # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
     norms = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]

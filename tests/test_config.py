@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fdfo.cli import parse
-from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig, load_config_file
+from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig, load_config_file, to_jsonable
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -33,7 +33,13 @@ def test_defaults_are_the_papers():
     "--sample.batch-size 2 --train.learning-rate 1e-4 --train.clip-range 0.05 --train.kl-weight 0.1 "
     "--vlm-model-name qwenvl-3b --pretrained-model sd35m-random --no-memory-efficient --runs-dir /tmp/r",
 ])
-def test_published_train_flags_parse(line):
+def test_published_train_flags_parse(line, tmp_path, monkeypatch):
+    # --resume-from reads the run's settings: a run folder with a checkpoint of the paper's defaults.
+    checkpoint = tmp_path / "runs" / "00001-x" / "checkpoints" / "epoch-0000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.pt").write_bytes(b"")
+    (checkpoint / "settings.json").write_text(json.dumps(to_jsonable(TrainConfig())))
+    monkeypatch.chdir(tmp_path)
     cfg = parse(TrainConfig, shlex.split(line))
     if "--seed 3" in line:
         assert (cfg.seed, cfg.sample.guidance_scale, cfg.train.learning_rate, cfg.memory_efficient) == (3, 4.5, 1e-4, False)

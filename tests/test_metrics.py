@@ -6,7 +6,8 @@ import torch
 
 from fdfo.cli import parse
 from fdfo.config import ConfigError, MetricsConfig
-from fdfo.evaluation import diversity, evaluate, image_seed, rank_prompt_indices, select_prompts, summarise
+from fdfo.evaluation import (DINO_COMMIT, diversity, evaluate, image_seed, load_dreamsim, rank_prompt_indices,
+                             select_prompts, summarise)
 from tests.conftest import ROOT, torchrun
 
 SMALL = ["--pretrained-model", "tiny", "--prompt-set", "pickscore_train", "--num-prompts", "5", "--num-repeats", "2",
@@ -75,3 +76,26 @@ def test_two_ranks_give_the_single_rank_results(tmp_path):
     for name, r in single["results"].items():
         assert two["results"][name]["count"] == r["count"]
         assert two["results"][name]["mean"] == pytest.approx(r["mean"], rel=1e-4), name
+
+
+def test_dreamsim_is_cached_with_torch_and_fetches_pinned_dino_code(tmp_path, monkeypatch):
+    # DreamSim runs torch.hub.load("facebookresearch/dino:main", …) and points torch.hub at its cache folder
+    # (by default ./models). Ours: the cache under torch's hub folder, the code at one commit, both put back after.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.set_dir, undone after the test
+    fetched = []
+
+    def hub_load(repo, model, *args, **kwargs):
+        fetched.append((repo, model, kwargs))
+        return "dino"
+    monkeypatch.setattr(torch.hub, "load", hub_load)
+
+    def fake_dreamsim(pretrained, device, cache_dir):
+        torch.hub.set_dir(cache_dir)  # as dreamsim's feature extractor does
+        return torch.hub.load("facebookresearch/dino:main", "dino_vitb16"), cache_dir
+    monkeypatch.setattr("dreamsim.dreamsim", fake_dreamsim)
+    model, cache = load_dreamsim(torch.device("cpu"))
+    assert fetched == [(f"facebookresearch/dino:{DINO_COMMIT}", "dino_vitb16", {"trust_repo": True})]
+    assert cache == str(tmp_path / "hub" / "dreamsim")
+    assert torch.hub.get_dir() == str(tmp_path / "hub") and torch.hub.load is hub_load
+    assert not (tmp_path / "models").exists()

@@ -1,7 +1,10 @@
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -179,6 +182,41 @@ def test_offline_demo_learns(tmp_path):
     assert Image.open(run_dir / "reward_curve.png").format == "PNG"
     grid = Image.open(run_dir / "before_after.png")
     assert grid.height > 2 * 64 and grid.width > 4 * 2 * 64
+
+
+def test_wandb_receives_the_records_and_uint8_image_pairs(tmp_path, monkeypatch):
+    # A stand-in for the wandb package that keeps what it is given (W&B casts float images in [0, 1] straight to
+    # uint8, which made the pairs black).
+    received = {"init": [], "log": [], "images": []}
+
+    class Run:
+        def log(self, data):
+            received["log"].append(data)
+
+        def finish(self):
+            received["finished"] = True
+
+    class Image:
+        def __init__(self, pixels, caption):
+            received["images"].append((pixels, caption))
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: received["init"].append(kwargs) or Run(), Image=Image)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1", "--log-wandb"]))
+    (init,) = received["init"]
+    assert init["id"] == json.loads((run_dir / "config.json").read_text())["wandb_id"] and init["resume"] == "allow"
+    (pixels, caption), = received["images"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 64, 3) and pixels.max() > 1  # two 32-px images
+    assert caption.startswith("R = ")
+    assert [set(d) >= {"loss", "lr"} for d in received["log"][:2]] == [True, True]
+    assert "reward_mean" in received["log"][-1] and "pair" in received["log"][-1] and received["finished"]
+
+
+def test_training_prints_no_truncation_warnings(tmp_path, capfd):
+    # The demo prompts run past the tiny model's 32 T5 tokens in every batch; diffusers would say so each time.
+    train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "1"]))
+    captured = capfd.readouterr()
+    assert "truncated" not in captured.out + captured.err
 
 
 def test_non_finite_reward_names_the_prompt():
