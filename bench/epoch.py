@@ -15,6 +15,7 @@ import time
 LAUNCH = time.time()  # before the heavy imports: "launch to first optimiser step" counts them
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -22,6 +23,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,6 +66,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run (checkpoint included) here")
+    parser.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
+                        help="cudnn: prefer cuDNN's attention kernel over flash attention for the whole run")
     args, train_args = parser.parse_known_args()
     train_args = [a for a in train_args if a != "--"]
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # each rank measures its own GPU
@@ -72,7 +76,10 @@ def main():
         cfg = parse_train_config(["--pretrained-model", "sd35m-random", "--prompt-file", "prompt_sets/demo.txt",
                                   "--runs-dir", str(args.runs_dir or scratch), "--save-freq", "1000", *train_args])
         start = time.perf_counter()
-        run_dir = train(cfg)
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+        with sdpa_kernel(backends, set_priority=True) if args.sdpa == "cudnn" else contextlib.nullcontext():
+            run_dir = train(cfg)
         total = time.perf_counter() - start
         log = read_log(run_dir)
         plan = json.loads((run_dir / "config.json").read_text())["batch_plan"]
@@ -86,7 +93,7 @@ def main():
     micro = {k: last.get(f"time_{k}", 0.0) for k in ("train", "train_sync")}
     last["time_training"] = micro["train"] + micro["train_sync"]
     n_steps = plan["gradient_steps_per_epoch"]
-    n_local = n_steps * (T * plan["gradient_accumulation_steps"] - 1)
+    n_local = n_steps * (plan["micro_batches_per_step"] - 1)
     exposed_allreduce = micro["train_sync"] - n_steps * micro["train"] / n_local if n_local else None
     flops = {"sample": 2 * pairs * T * forward * guidance, "training": 2 * pairs * T * train_step * guidance}
     floor = peak * 1e12 / ((flops["sample"] + flops["training"]) / pairs)  # pairs/s per GPU, transformer only

@@ -47,11 +47,8 @@ def first_call_s(fn):
     return time.perf_counter() - start
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    device = torch.device("cuda")
+def sd35m_with_lora(device: torch.device):
+    """SD3.5-M's transformer with random bf16 weights and a LoRA whose B is non-zero (so that it matters)."""
     torch.manual_seed(0)
     with torch.device(device), default_dtype(torch.bfloat16):
         transformer = sd35m_transformer(device)
@@ -59,6 +56,15 @@ def main():
     for name, p in lora.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
+    return transformer, lora
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    transformer, lora = sd35m_with_lora(device)
 
     x = torch.randn(12, 16, 64, 64, device=device)
     cond = PromptEmbeds(torch.randn(12, 205, 4096, device=device, dtype=torch.bfloat16),

@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.numerics import first_call_s, timed_ms  # noqa: E402
+from bench.numerics import first_call_s, sd35m_with_lora, timed_ms  # noqa: E402
 from fdfo.compile import compile_blocks  # noqa: E402
 from fdfo.estimator import normalise, surrogate_loss  # noqa: E402
-from fdfo.lora import attach_lora  # noqa: E402
 from fdfo.models import training_dtypes  # noqa: E402
 from fdfo.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
-from fdfo.tiny import default_dtype, sd35m_transformer  # noqa: E402
 
 
 def main():
@@ -35,13 +33,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device), default_dtype(torch.bfloat16):
-        base = sd35m_transformer(device)
-    lora_bf16 = attach_lora(base)
-    for name, p in lora_bf16.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.01)
+    base, lora_bf16 = sd35m_with_lora(device)
 
     x = torch.randn(12, 16, 64, 64, device=device)
     cond = PromptEmbeds(torch.randn(12, 205, 4096, device=device, dtype=torch.bfloat16),

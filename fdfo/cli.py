@@ -64,6 +64,10 @@ def main(entry: Callable[[T], Any], cls: type[T], args: list[str] | None = None)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         entry(parse(cls, args))
+        # Leave the process group together: a rank that exits while another still talks to it can abort
+        # the other (gloo: "terminate called without an active exception").
+        distributed.barrier()
+        distributed.shutdown()
     except UserError as e:
         if os.environ.get("FDFO_DEBUG"):
             raise

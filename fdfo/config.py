@@ -56,6 +56,7 @@ class TrainPhaseConfig:
     clip_range: float = 0.03  # ε of the SPO-style surrogate: ratios further than ε from 1 count as clipped
     kl_weight: float = 0.0  # weight of mean((v_θ − v_base)²) against the LoRA-free model
     batch_size: int | None = None  # (sample, timestep) items per micro-batch on each rank; None = derived from the pairs per rank
+    micro_batch: int | None = None  # items per forward/backward as executed, for speed (same gradient); None = batch_size raised to ≤ 10
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class TrainConfig:
     num_epochs: int = 1000  # epochs to train (results are good around 100)
     total_pairs_per_epoch: int = 432  # pairs sampled per epoch over all ranks (2 reward evaluations each)
     gradient_steps_per_epoch: int = 4  # optimiser steps per epoch
-    max_batch_size: int | None = None  # cap on derived batch sizes; None = 6 below 8 ranks, else 13
+    max_batch_size: int | None = None  # cap on all derived batch sizes; None = the paper's split (≤ 6, ≥ 8 ranks ≤ 13), executed in batches of ≤ 16 pairs and ≤ 12 items
     lora_rank: int = 32  # LoRA rank r
     lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
     seed: int = 6  # seed of prompts, noise, shuffles and LoRA init
@@ -81,7 +82,7 @@ class TrainConfig:
     resume_from: Path | None = None  # checkpoint folder, or run folder (= its newest checkpoint), to continue exactly
     prompt_file: Path = Path("prompt_sets/pickscore_train.txt")  # training prompts, one a line
     log_wandb: bool = False  # also log to Weights & Biases
-    memory_efficient: bool = True  # move the text encoders to the CPU while training
+    memory_efficient: bool = True  # text encoders off the GPU after encoding, reward models off it while training
     precision: TrainPrecision = "auto"  # numerics of sampling and training alike: fp16 = the published recipe (fp16 autocast over bf16 weights, fp32 LoRA, gradient scaler); bf16 autocast; fp32; auto = fp16 on GPU, fp32 on CPU
     compile: CompileMode = "auto"  # torch.compile each transformer block (sampling and training alike); auto = on GPU only
     dry_run: bool = False  # print the resolved configuration and stop before loading any model
@@ -157,7 +158,7 @@ def check_train_config(cfg: TrainConfig) -> None:
                         ("--sample.max-sequence-length", sample.max_sequence_length)]:
         require(value >= 1, f"{flag} must be at least 1; got {value}.")
     for flag, value in [("--max-batch-size", cfg.max_batch_size), ("--sample.batch-size", sample.batch_size),
-                        ("--train.batch-size", t.batch_size)]:
+                        ("--train.batch-size", t.batch_size), ("--train.micro-batch", t.micro_batch)]:
         require(value is None or value >= 1, f"{flag} must be at least 1 (or left unset); got {value}.")
     check_resolution(sample.resolution, "--sample.resolution")
     require(sample.churn_weight >= 0, f"--sample.churn-weight must be 0 or more (the paper's is 0.0025); got "

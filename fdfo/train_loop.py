@@ -26,6 +26,7 @@ from fdfo.exchange import fetch_items, rank_slice, step_items
 from fdfo.generation import to_uint8
 from fdfo.lora import attach_lora, load_lora
 from fdfo.models import REWARD_TWINS, load_pipeline, training_dtypes
+from fdfo.offload import Parking
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.rewards import Reward, build_reward
 from fdfo.plots import REWARD_CURVE
@@ -87,7 +88,8 @@ def train(cfg: TrainConfig) -> Path:
     check_train_config(cfg)
     device = distributed.init()
     plan = plan_batches(cfg.total_pairs_per_epoch, distributed.world_size(), cfg.gradient_steps_per_epoch,
-                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size)
+                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size, cfg.sample.num_solver_steps,
+                        cfg.train.micro_batch)
     stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
     settings = to_jsonable(cfg)
     resume = plan_resume(cfg.resume_from, settings, plan.total_pairs) if cfg.resume_from else None
@@ -98,11 +100,16 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser.
     weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
     pipe = load_pipeline(cfg.pretrained_model, device, weights_dtype)
+    pipe.vae.enable_slicing()  # decode one image at a time, as the published sampler: the decoder's peak memory / 12
     lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if should_compile(cfg.compile, device):
         compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
     reward = build_reward(cfg.reward_preset, device, twins=REWARD_TWINS.get(cfg.pretrained_model),
                           vlm_model_name=cfg.vlm_model_name, shard_vlm=cfg.vlm_use_fsdp, vlm_buffers=cfg.vlm_buffers)
+    # With --memory-efficient the text encoders leave the GPU once the epoch's prompts are encoded, and the
+    # reward models while the LoRA trains (they are frozen: leaving costs nothing, coming back one copy).
+    frozen = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], reward.local_models()
+    text_encoders, reward_models = (Parking(modules if cfg.memory_efficient else [], device) for modules in frozen)
     optimizer = make_optimizer(lora, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)  # fp16: loss scaling
     start_epoch, optimizer_steps = 0, 0
@@ -130,11 +137,8 @@ def train(cfg: TrainConfig) -> Path:
             timer, epoch_start = PhaseTimer(device), time.perf_counter()
 
             # Sample pairs and score them (paper §2, §6).
-            if cfg.memory_efficient:
-                move_text_encoders(pipe, device)
-            samples = sample_and_score(pipe, reward, stream, cfg, plan, epoch, compute_dtype, timer)
-            if cfg.memory_efficient:
-                move_text_encoders(pipe, torch.device("cpu"))
+            samples = sample_and_score(pipe, text_encoders, reward_models, reward, stream, cfg, plan, epoch,
+                                       compute_dtype, timer)
 
             # Turn rewards into finite-difference targets and share them with every rank (§3).
             with timer("share"):
@@ -158,7 +162,8 @@ def train(cfg: TrainConfig) -> Path:
                 distributed.barrier()
 
         # Show what training did: the same prompts and seeds before and after.
-        move_text_encoders(pipe, device)
+        text_encoders.to_device()
+        reward_models.to_device()
         write_before_after(pipe, lora, reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
         distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
     except BaseException as stop:
@@ -214,33 +219,37 @@ def make_optimizer(lora: torch.nn.Module, train: TrainPhaseConfig) -> torch.opti
     return torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], **optimizer_settings(train))
 
 
-def move_text_encoders(pipe: Any, device: torch.device) -> None:
-    """With --memory-efficient the text encoders live on the CPU while training and come back to sample."""
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        encoder.to(device)
+def sample_and_score(pipe: Any, text_encoders: Parking, reward_models: Parking, reward: Reward,
+                     stream: PromptStream, cfg: TrainConfig, plan: BatchPlan, epoch: int, compute_dtype: torch.dtype,
+                     timer: PhaseTimer) -> RankSamples:
+    """This rank's pairs of the epoch: global pairs rank·P … rank·P + P − 1, each from its own seeded noise.
 
-
-def sample_and_score(pipe: Any, reward: Reward, stream: PromptStream, cfg: TrainConfig, plan: BatchPlan,
-                     epoch: int, compute_dtype: torch.dtype, timer: PhaseTimer) -> RankSamples:
-    """This rank's pairs of the epoch: global pairs rank·P … rank·P + P − 1, each from its own seeded noise."""
+    Every batch's prompts are encoded first, so that the text encoders are parked before the reward models
+    come back to the GPU and sampling starts; the reward models are parked again once the last batch is scored.
+    """
     device = pipe.transformer.device
     first_pair = distributed.rank() * plan.pairs_per_rank
+    pair_ids = [range(first_pair + b * plan.sampling_batch, first_pair + (b + 1) * plan.sampling_batch)
+                for b in range(plan.sampling_calls)]
+    prompts = [stream.prompts_for(epoch, ids) for ids in pair_ids]
+    with timer("encode"):
+        text_encoders.to_device()
+        conds = [encode_prompts(pipe, batch, cfg.sample.guidance_scale, cfg.sample.max_sequence_length).to(compute_dtype)
+                 for batch in prompts]
+        text_encoders.park()
+        reward_models.to_device()
     pipe.transformer.eval()
     batches = []
-    for b in tqdm(range(plan.num_sample_batches), desc=f"epoch {epoch} sampling", disable=not distributed.is_main(),
-                  leave=False):
-        pair_ids = range(first_pair + b * plan.sample_batch_size, first_pair + (b + 1) * plan.sample_batch_size)
-        prompts = stream.prompts_for(epoch, pair_ids)
-        with timer("encode"):
-            cond = encode_prompts(pipe, prompts, cfg.sample.guidance_scale, cfg.sample.max_sequence_length)
-            cond = cond.to(compute_dtype)
+    for ids, batch, cond in tqdm(list(zip(pair_ids, prompts, conds)), desc=f"epoch {epoch} sampling",
+                                 disable=not distributed.is_main(), leave=False):
         with timer("sample"):
-            generators = [pair_generator(cfg.seed, epoch, g, device) for g in pair_ids]
+            generators = [pair_generator(cfg.seed, epoch, g, device) for g in ids]
             traj = sample_pairs(pipe, cond, generators, cfg.sample.num_solver_steps, cfg.sample.churn_weight,
                                 cfg.sample.guidance_scale, cfg.sample.resolution)
         with timer("reward"):
-            scores = reward(traj.images, [p for p in prompts for _ in range(2)])
-        batches.append((traj, scores, cond, prompts))
+            scores = reward(traj.images, [p for p in batch for _ in range(2)])
+        batches.append((traj, scores, cond, batch))
+    reward_models.park()
     trajs, scores, conds, prompts = zip(*batches)
     cat = torch.cat
     return RankSamples(
@@ -275,7 +284,7 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
     T = cfg.sample.num_solver_steps
     items_per_rank = 2 * plan.pairs_per_rank * T
     permutation = item_permutation(cfg.seed, epoch, items_per_rank * plan.world_size)
-    micro_batches = T * plan.gradient_accumulation_steps
+    micro_batches = plan.micro_batches_per_step
     params = [p for p in lora.parameters() if p.requires_grad]
     lora.train()
     stats = []
@@ -289,7 +298,7 @@ def optimise_epoch(model: torch.nn.Module, lora: Any, optimizer: torch.optim.Opt
 
         def backward_micro_batch(m: int) -> torch.Tensor:
             """Accumulate micro-batch m's gradient; returns its loss, policy loss, kl, clipfrac and mean |ρ − 1|."""
-            rows = slice(m * plan.train_batch_size, (m + 1) * plan.train_batch_size)
+            rows = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
             terms = micro_batch_loss(model, lora, x[rows], v_ref[rows], mine[rows], samples.sigmas, signal, cfg)
             scaler.scale(terms.loss / micro_batches).backward()
             bar.update()

@@ -28,6 +28,34 @@ def test_plan_matches_hand_computation(world_size, total):
     assert plan.gradient_steps_per_epoch * plan.gradient_accumulation_steps * plan.train_batch_size == 2 * plan.pairs_per_rank
 
 
+# (world size, total pairs) -> (pairs per sampling call, items per micro-batch) as executed by default: up to
+# 16 pairs and 12 items, divisors of the pairs per rank and of a step's items (samples per step × 40 steps).
+EXECUTED = {
+    (1, 16): (16, 10),  # 320 items per step: 12 does not divide it
+    (1, 48): (16, 12),
+    (4, 432): (12, 12),  # 108 pairs per rank: 16 does not divide them
+    (8, 432): (9, 12),  # the paper's micro-batch of 9 items, raised
+}
+
+
+@pytest.mark.parametrize("world_size,total", list(EXECUTED))
+def test_executed_sizes_raise_the_papers_for_speed(world_size, total):
+    plan = plan_batches(total, world_size)
+    assert (plan.sampling_batch, plan.micro_batch) == EXECUTED[world_size, total]
+    assert plan.sampling_calls * plan.sampling_batch == plan.pairs_per_rank
+    assert plan.micro_batches_per_step * plan.micro_batch == plan.samples_per_step * 40
+
+
+def test_given_sizes_and_caps_are_executed_as_given():
+    capped = plan_batches(48, 1, max_batch_size=4)
+    assert (capped.sampling_batch, capped.micro_batch) == (4, 4)
+    plan = plan_batches(48, 1, sample_batch_size=3, train_batch_size=8)
+    assert (plan.sampling_batch, plan.micro_batch) == (3, 8)
+    assert plan_batches(48, 1, micro_batch=24).micro_batch == 24
+    with pytest.raises(ConfigError, match="--train.micro-batch 7 must divide the 960"):
+        plan_batches(48, 1, micro_batch=7)
+
+
 def test_explicit_sizes_win():
     plan = plan_batches(432, 4, sample_batch_size=4, train_batch_size=3, max_batch_size=2)
     assert (plan.sample_batch_size, plan.num_sample_batches) == (4, 27)

@@ -40,6 +40,12 @@ class Reward:
             raise ValueError("A reward needs at least one term.")
         self.terms = terms
 
+    def local_models(self) -> list[torch.nn.Module]:
+        """The networks the terms hold whole on this rank (not sharded): frozen, so they can leave the GPU."""
+        return [term.scorer.model for term in self.terms
+                if isinstance(getattr(term.scorer, "model", None), torch.nn.Module)
+                and not getattr(term.scorer, "sharded", False)]
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         check_images(images, prompts)
@@ -83,15 +89,25 @@ def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_n
         return ClipScore.from_pretrained(PICKSCORE_MODEL, PICKSCORE_PROCESSOR, device)
     if name == "vlm_alignment":
         from fdfo.rewards.twins import vlm_twin
-        from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm
+        from fdfo.rewards.vlm import YesNoVlm
         buffer_dtype = {"bf16": torch.bfloat16, "fp32": None}[vlm_buffers]
         if twins:
             vlm = YesNoVlm(*vlm_twin(twins, device), device, shard=shard_vlm, buffer_dtype=buffer_dtype)
         else:
             vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm, buffer_dtype=buffer_dtype)
-        return lambda images, prompts: vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts],
-                                                 resize=504)
+        return VlmAlignment(vlm)
     raise ValueError(f"Unknown reward term `{name}`; valid terms are: {', '.join(sorted(valid_terms()))}.")
+
+
+class VlmAlignment:
+    """The paper's VLM term: P(yes) to "does this image show <prompt>?" at 504 px."""
+
+    def __init__(self, vlm):
+        self.vlm, self.model, self.sharded = vlm, vlm.model, vlm.sharded
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from fdfo.rewards.vlm import TRAIN_QUESTION
+        return self.vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts], resize=504)
 
 
 def valid_terms() -> set[str]:
