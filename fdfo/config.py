@@ -114,6 +114,15 @@ class GenerateConfig:
     precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """A LoRA checkpoint in diffusers' format: `python -m fdfo.export --checkpoint CKPT --out FOLDER`."""
+
+    config: Path | None = None  # TOML file of settings; flags given on the command line win
+    checkpoint: str | None = None  # local folder, run folder (its newest checkpoint), `hf:<org>/<repo>/<subdir>` or a Hub tree URL
+    out: Path | None = None  # folder to write pytorch_lora_weights.safetensors into
+
+
 MetricName = Literal[
     "pickscore", "hpsv2", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo", "dreamsim_diversity"
 ]
@@ -210,6 +219,12 @@ def check_generate_config(cfg: GenerateConfig) -> None:
         require(value >= 1, f"{flag} must be at least 1; got {value}.")
     check_resolution(cfg.resolution, "--resolution")
     check_image_out(cfg.out)
+
+
+def check_export_config(cfg: ExportConfig) -> None:
+    require(cfg.checkpoint is not None, "--checkpoint is required: the LoRA checkpoint (or run folder) to export.")
+    require(cfg.out is not None, "--out is required: the folder to write the diffusers LoRA into.")
+    require(not cfg.out.exists() or cfg.out.is_dir(), f"--out {cfg.out} is a file; give a folder.")
 
 
 def check_metrics_config(cfg: MetricsConfig) -> None:

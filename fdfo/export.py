@@ -1,0 +1,46 @@
+"""A LoRA checkpoint (ours or a published one) in the format diffusers loads:
+
+    python -m fdfo.export --checkpoint runs/00000-combined-cfg_1p0 --out lora/
+    pipe = StableDiffusion3Pipeline.from_pretrained(...); pipe.load_lora_weights("lora/")
+
+The weights keep PEFT's key names below the transformer, and the adapter's config (rank, alpha, targets)
+travels in the file's metadata, which diffusers reads back, so the scale alpha / rank is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from fdfo import distributed
+from fdfo.cli import main
+from fdfo.config import ExportConfig, check_export_config
+from fdfo.hub import resolve_checkpoint
+from fdfo.lora import ADAPTER_FILES
+
+PEFT_PREFIX = "base_model.model."  # what PEFT's wrapper puts before the transformer's own module names
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
+
+
+def export_lora(checkpoint: Path, out: Path) -> Path:
+    """Write the LoRA of the checkpoint folder `checkpoint` into `out` with diffusers' own saving function."""
+    config = LoraConfig.from_pretrained(str(checkpoint))
+    weights = load_file(checkpoint / ADAPTER_FILES[1])
+    layers = {name.removeprefix(PEFT_PREFIX): value for name, value in weights.items()}
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers, weight_name=WEIGHT_NAME,
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    return out / WEIGHT_NAME
+
+
+def export(cfg: ExportConfig) -> Path:
+    check_export_config(cfg)
+    path = export_lora(resolve_checkpoint(cfg.checkpoint), cfg.out)
+    distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
+    return path
+
+
+if __name__ == "__main__":
+    main(export, ExportConfig)

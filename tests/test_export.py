@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fdfo.export import WEIGHT_NAME, export
+from fdfo.config import ConfigError, ExportConfig
+from fdfo.generation import generate_images
+from fdfo.lora import attach_lora, attach_lora_from, save_lora
+from fdfo.tiny import random_pipeline
+from tests.conftest import ROOT
+
+PROMPTS, SEEDS = ["a red cube", "a cat on a mat"], [3, 4]
+
+
+def images(pipe):
+    return generate_images(pipe, PROMPTS, SEEDS, num_steps=4, guidance_scale=1.0, resolution=32,
+                           max_sequence_length=32, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A LoRA of rank 4 with alpha 8 (scale 2, so a lost alpha shows) and B drawn away from zero."""
+    lora = attach_lora(random_pipeline("tiny").transformer, rank=4, alpha=8)
+    torch.manual_seed(0)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("ckpt") / "epoch-0000001"
+    save_lora(lora, folder)
+    return folder
+
+
+def test_exported_lora_loads_in_diffusers_and_gives_our_images(checkpoint, tmp_path):
+    subprocess.run([sys.executable, "-m", "fdfo.export", "--checkpoint", str(checkpoint), "--out",
+                    str(tmp_path / "lora")], cwd=ROOT, check=True)
+    assert (tmp_path / "lora" / WEIGHT_NAME).is_file()
+
+    ours = random_pipeline("tiny")
+    attach_lora_from(ours.transformer, checkpoint)
+    theirs = random_pipeline("tiny")
+    theirs.load_lora_weights(str(tmp_path / "lora"))
+    base = images(random_pipeline("tiny"))
+    mine, diffusers = images(ours), images(theirs)
+    assert (mine.int() - base.int()).abs().float().mean() > 5  # the LoRA changes the images visibly
+    assert torch.equal(mine, diffusers)
+
+
+def test_export_needs_a_checkpoint_and_a_folder(checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="--checkpoint is required"):
+        export(ExportConfig(out=tmp_path / "lora"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "file"))
