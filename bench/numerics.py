@@ -59,6 +59,20 @@ def sd35m_with_lora(device: torch.device):
     return transformer, lora
 
 
+def step_inputs(device: torch.device):
+    """A sampling batch of 12 at σ = 0.6 and a training micro-batch of 6 of its rows, with finite-difference
+    directions d, reward differences dR and a shift off the sampling policy (so that ρ ≠ 1)."""
+    x = torch.randn(12, 16, 64, 64, device=device)
+    cond = PromptEmbeds(torch.randn(12, 205, 4096, device=device, dtype=torch.bfloat16),
+                        torch.randn(12, 2048, device=device, dtype=torch.bfloat16))
+    sigma = torch.tensor(0.6, device=device)
+    rows = torch.arange(0, 12, 2, device=device)
+    d = normalise(0.05 * torch.randn(6, 16, 64, 64, device=device))
+    dR = torch.linspace(-0.5, 1, 6, device=device)
+    shift = 0.002 * torch.randn(6, 16, 64, 64, device=device)
+    return x, cond, sigma, rows, d, dR, shift
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -66,14 +80,7 @@ def main():
     device = torch.device("cuda")
     transformer, lora = sd35m_with_lora(device)
 
-    x = torch.randn(12, 16, 64, 64, device=device)
-    cond = PromptEmbeds(torch.randn(12, 205, 4096, device=device, dtype=torch.bfloat16),
-                        torch.randn(12, 2048, device=device, dtype=torch.bfloat16))
-    sigma = torch.tensor(0.6, device=device)
-    rows = torch.arange(0, 12, 2, device=device)  # training micro-batch of 6
-    d = normalise(0.05 * torch.randn(6, 16, 64, 64, device=device))
-    dR = torch.linspace(-0.5, 1, 6, device=device)
-    shift = 0.002 * torch.randn(6, 16, 64, 64, device=device)  # off the sampling policy, so that ρ ≠ 1
+    x, cond, sigma, rows, d, dR, shift = step_inputs(device)
 
     def sample():
         with torch.no_grad():

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.numerics import first_call_s, sd35m_with_lora, timed_ms  # noqa: E402
+from bench.numerics import first_call_s, sd35m_with_lora, step_inputs, timed_ms  # noqa: E402
 from fdfo.compile import compile_blocks  # noqa: E402
-from fdfo.estimator import normalise, surrogate_loss  # noqa: E402
+from fdfo.estimator import surrogate_loss  # noqa: E402
 from fdfo.models import training_dtypes  # noqa: E402
-from fdfo.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.sd3 import predict_velocity  # noqa: E402
 
 
 def main():
@@ -35,14 +35,7 @@ def main():
     device = torch.device("cuda")
     base, lora_bf16 = sd35m_with_lora(device)
 
-    x = torch.randn(12, 16, 64, 64, device=device)
-    cond = PromptEmbeds(torch.randn(12, 205, 4096, device=device, dtype=torch.bfloat16),
-                        torch.randn(12, 2048, device=device, dtype=torch.bfloat16))
-    sigma = torch.tensor(0.6, device=device)
-    rows = torch.arange(0, 12, 2, device=device)  # training micro-batch of 6
-    d = normalise(0.05 * torch.randn(6, 16, 64, 64, device=device))
-    dR = torch.linspace(-0.5, 1, 6, device=device)
-    shift = 0.002 * torch.randn(6, 16, 64, 64, device=device)  # off the sampling policy, so that ρ ≠ 1
+    x, cond, sigma, rows, d, dR, shift = step_inputs(device)
 
     def measure(lora, compute_dtype, scale=1.0):
         c = cond.to(compute_dtype)
