@@ -2,7 +2,7 @@
 
 from fdfo.cli import main
 from fdfo.config import MetricsConfig
-from fdfo.evaluation import evaluate
+from fdfo.metrics_run import evaluate
 
 if __name__ == "__main__":
     main(evaluate, MetricsConfig)

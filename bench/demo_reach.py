@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.lora import attach_lora  # noqa: E402
 from fdfo.prompts import load_prompts  # noqa: E402
-from fdfo.rewards.engine import build_scorer  # noqa: E402
+from fdfo.rewards import Scorers  # noqa: E402
 from fdfo.sampler import flow_sigmas  # noqa: E402
 from fdfo.sd3 import decode_latents, encode_prompts, latent_shape, predict_velocity  # noqa: E402
 from fdfo.tiny import random_pipeline  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
     lora = attach_lora(pipe.transformer, seed=6)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=1e-4)
-    score = build_scorer(args.reward, torch.device("cpu"), twins="tiny", vlm_model_name="qwenvl-7b", shard_vlm=False)
+    score = Scorers(torch.device("cpu"), twins="tiny", purpose="reward").build(args.reward)
     prompts = load_prompts(Path("prompt_sets/demo.txt"))
     sigmas = flow_sigmas(pipe.scheduler, args.solver_steps, torch.device("cpu"))
     decode = decode_latents.__wrapped__  # the same decoding, with gradients

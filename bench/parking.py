@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.numerics import first_call_s  # noqa: E402
 from fdfo.offload import Parking  # noqa: E402
-from fdfo.rewards import build_reward  # noqa: E402
+from fdfo.rewards import PRESETS, Scorers, build_reward  # noqa: E402
 from fdfo.tiny import random_pipeline  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     pipe = random_pipeline("sd35m", device=device, dtype=torch.bfloat16)
-    reward = build_reward("combined", device, twins="full")
+    reward = build_reward(PRESETS["combined"], Scorers(device, twins="full", purpose="reward"))
     modules = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, *reward.local_models()]
     tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
     gib = sum(t.numel() * t.element_size() for t in tensors) / 2**30

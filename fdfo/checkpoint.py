@@ -3,8 +3,8 @@ checking and loading one to resume.
 
 A checkpoint folder `epoch-<7 digits>/` holds `adapter_config.json` and `adapter_model.safetensors` (PEFT's
 format, as the published checkpoints), `training_state.pt` (tensors and numbers only: it loads with
-`weights_only=True`, so a checkpoint from elsewhere cannot run code) and `settings.json` (the run's
-resolved settings, the defaults of a resume).
+`weights_only=True`, so a checkpoint from elsewhere cannot run code), `settings.json` (the run's
+resolved settings, the defaults of a resume) and, with `--ema-decay`, `ema/` (the averaged LoRA, same format).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.training_utils import EMAModel
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fdfo.ema import EMA_FOLDER, save_ema
 from fdfo.errors import UserError
 from fdfo.lora import ADAPTER_FILES, save_lora
 
@@ -46,6 +48,7 @@ class TrainingState:
     total_pairs: int  # pairs per epoch over all ranks: the prompt stream and the noise of each pair depend on it
     optimizer: dict[str, Any]  # AdamW's state_dict
     grad_scaler: dict[str, Any]  # the fp16 recipe's GradScaler state_dict; empty without it
+    ema_steps: int = 0  # updates of the EMA of the LoRA weights (in the checkpoint's ema/ folder); 0 without one
 
 
 def checkpoint_dir(run_dir: Path, epochs_done: int) -> Path:
@@ -57,13 +60,16 @@ def run_checkpoints(run_dir: Path, required: str = STATE_FILE) -> list[Path]:
     return sorted(p for p in (Path(run_dir) / "checkpoints").glob("epoch-*") if (p / required).is_file())
 
 
-def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settings: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settings: dict[str, Any],
+                    ema: EMAModel | None = None) -> Path:
     """Write `epoch-<7 digits>/` through a temporary folder and a rename: a crash never leaves a half checkpoint."""
     final = checkpoint_dir(run_dir, state.epochs_done)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_lora(lora, tmp)
+    if ema is not None:
+        save_ema(ema, lora, tmp / EMA_FOLDER)
     torch.save({"format": STATE_FORMAT, **dataclasses.asdict(state)}, tmp / STATE_FILE)
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     if final.exists():  # rewriting the same epoch (a re-run): swap, then drop the old one

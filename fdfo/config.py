@@ -15,6 +15,7 @@ from typing import Any, Literal
 import tyro
 
 from fdfo.errors import UserError
+from fdfo.rewards.registry import reward_terms
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,7 @@ class TrainConfig:
     config: Path | None = None  # TOML file of settings (see configs/); flags given on the command line win
     pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder; `tiny` (offline CPU demo) or `sd35m-random` (real shapes, random weights)
     reward_preset: RewardPreset = "combined"  # reward terms and weights
+    reward: tuple[str, ...] = ()  # reward terms as NAME=WEIGHT (e.g. pickscore=1 hpsv2=0.5, or your own my_pkg.my_rewards:score=1); given, they replace --reward-preset
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM reward
     vlm_use_fsdp: tyro.conf.FlagConversionOff[bool] = True  # shard the VLM's parameters over the ranks (False: a full copy per rank)
     vlm_buffers: Literal["bf16", "fp32"] = "bf16"  # dtype of the VLM's rotary frequencies: bf16 as the published reward's FSDP1 mixed precision leaves them; fp32 exact
@@ -76,8 +78,9 @@ class TrainConfig:
     lora_rank: int = 32  # LoRA rank r
     lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
     seed: int = 6  # seed of prompts, noise, shuffles and LoRA init
+    ema_decay: float | None = None  # keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; warm-up (1 + n)/(10 + n) as diffusers' EMAModel), saved in each checkpoint's ema/ folder; None = no EMA, as in the paper
     save_freq: int = 5  # write a checkpoint every this many epochs
-    run_name: str | None = None  # run folder suffix; None = `<reward_preset>-cfg_<guidance with . as p>`
+    run_name: str | None = None  # run folder suffix; None = `<reward_preset or the --reward terms>-cfg_<guidance with . as p>`
     runs_dir: Path = Path("runs")  # parent of the run folders `<5-digit id>-<run name>/`
     resume_from: Path | None = None  # checkpoint folder, or run folder (= its newest checkpoint), to continue exactly
     prompt_file: Path = Path("prompt_sets/pickscore_train.txt")  # training prompts, one a line
@@ -91,7 +94,8 @@ class TrainConfig:
 
     @property
     def default_run_name(self) -> str:
-        return f"{self.reward_preset}-cfg_{str(float(self.sample.guidance_scale)).replace('.', 'p')}"
+        reward = "+".join(term.partition("=")[0].replace(":", ".") for term in self.reward) or self.reward_preset
+        return f"{reward}-cfg_{str(float(self.sample.guidance_scale)).replace('.', 'p')}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class GenerateConfig:
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder, `hf:<org>/<repo>/<subdir>` or a Hub tree URL; None = base model
+    ema: bool = False  # use the checkpoint's EMA weights (a run trained with --ema-decay)
     out: Path = Path("out.jpg")  # output image (JPEG quality 95; PNG by extension)
     prompts: Path | None = None  # prompt file, one a line; None = prompt_sets/generate_default.txt
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
@@ -120,7 +125,11 @@ class ExportConfig:
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder (its newest checkpoint), `hf:<org>/<repo>/<subdir>` or a Hub tree URL
+    ema: bool = False  # export the checkpoint's EMA weights (a run trained with --ema-decay)
     out: Path | None = None  # folder to write pytorch_lora_weights.safetensors into
+    merged: bool = False  # also write the transformer with the LoRA merged into its weights, to <out>/transformer
+    pretrained_model: str = SD35_MEDIUM  # base model whose transformer --merged merges into: Hub id, local folder or `tiny`
+    precision: EvalPrecision = "auto"  # dtype of the merged transformer; auto = bf16 on GPU, fp32 on CPU
 
 
 MetricName = Literal[
@@ -135,6 +144,7 @@ class MetricsConfig:
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder, `hf:<org>/<repo>/<subdir>` or a Hub tree URL; None = base model
+    ema: bool = False  # evaluate the checkpoint's EMA weights (a run trained with --ema-decay)
     prompt_set: PromptSetName = "hpdv2"  # prompts to evaluate on
     num_prompts: int = 500  # prompts kept after shuffling (capped at the set's size)
     num_repeats: int = 1  # images per prompt (dreamsim_diversity needs ≥ 2)
@@ -182,6 +192,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     require(t.max_grad_norm > 0, f"--train.max-grad-norm must be more than 0; got {t.max_grad_norm}.")
     require(t.clip_range > 0, f"--train.clip-range must be more than 0 (the paper's is 0.03); got {t.clip_range}.")
     require(t.kl_weight >= 0, f"--train.kl-weight must be 0 or more; got {t.kl_weight}.")
+    require(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"--ema-decay must be between 0 and 1 (e.g. 0.999); got "
+                                                            f"{cfg.ema_decay}.")
+    reward_terms(cfg.reward_preset, cfg.reward)  # unknown names, bad weights and failing imports, before any model loads
     require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
 
 
@@ -218,6 +231,7 @@ def check_generate_config(cfg: GenerateConfig) -> None:
                         ("--max-sequence-length", cfg.max_sequence_length)]:
         require(value >= 1, f"{flag} must be at least 1; got {value}.")
     check_resolution(cfg.resolution, "--resolution")
+    require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
     check_image_out(cfg.out)
 
 
@@ -235,6 +249,7 @@ def check_metrics_config(cfg: MetricsConfig) -> None:
     require("dreamsim_diversity" not in cfg.metrics or cfg.num_repeats >= 2,
             "dreamsim_diversity compares the repeats of a prompt: give --num-repeats 2 or more.")
     check_resolution(cfg.resolution, "--resolution")
+    require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
     if cfg.out is not None:
         check_writable(cfg.out)
 

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def init() -> torch.device:
@@ -65,6 +66,13 @@ def rank0_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+def ddp_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Backward passes in this block all-reduce the gradients (DDP) only if `sync`; else they accumulate locally."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,9 @@
-"""metrics.py: the paper's evaluation — generate with the plain pipeline, score, gather, average."""
+"""The paper's evaluation metrics: prompt sets, dealing prompts to ranks, scorers, DreamSim diversity, summaries."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,28 +13,14 @@ import numpy as np
 import torch
 
 from fdfo import distributed
-from fdfo.config import PROJECT_ROOT, MetricsConfig, check_metrics_config, to_jsonable
-from fdfo.generation import generate_images, load_with_checkpoint
-from fdfo.hub import resolve_checkpoint
-from fdfo.models import REWARD_TWINS
+from fdfo.config import PROJECT_ROOT
 from fdfo.prompts import load_prompts
+from fdfo.rewards.registry import Scorers
 
 PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
                "hpdv2": PROJECT_ROOT / "prompt_sets" / "hpdv2.json"}
 OFFLINE_PROMPTS = PROJECT_ROOT / "prompt_sets" / "demo.txt"
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
-# CLIP-type metrics: (model, processor); the score is logit_scale.exp() · cosine for all of them.
-CLIP_METRICS = {
-    "pickscore": ("yuvalkirstain/PickScore_v1", "yuvalkirstain/PickScore_v1"),
-    "hpsv2": ("adams-story/HPSv2-hf", "adams-story/HPSv2-hf"),
-    "clip_h14": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
-    "clip_l14": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
-}
-VLM_QUESTIONS = {
-    "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
-    "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
-    "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
-}
 
 
 def prompt_set(name: str, offline: bool) -> list[str]:
@@ -96,27 +81,11 @@ class Metric:
 
 
 def build_metrics(names: tuple[str, ...], device: torch.device, twins: str | None, vlm_model_name: str) -> list[Metric]:
-    """One scorer per metric, each model loaded once; the VLM metrics share one VLM.
-    `twins` ("tiny" or "full"): random-weight stand-ins, as for the rewards."""
-    from fdfo.rewards.clip_score import ClipScore
-    from fdfo.rewards.twins import random_clip, vlm_twin
-    from fdfo.rewards.vlm import YesNoVlm
-    metrics, vlm = [], None
-    for seed, name in enumerate(names):
-        if name in CLIP_METRICS:
-            scorer = ClipScore(*random_clip(seed=seed, size=twins, device=device), device) if twins else \
-                ClipScore.from_pretrained(*CLIP_METRICS[name], device)
-            metrics.append(Metric(name, scorer))
-        elif name in VLM_QUESTIONS:
-            if vlm is None:
-                vlm = (YesNoVlm(*vlm_twin(twins, device), device) if twins
-                       else YesNoVlm.from_pretrained(vlm_model_name, device, shard=False))
-            question = VLM_QUESTIONS[name]
-            metrics.append(Metric(name, lambda images, prompts, vlm=vlm, question=question: vlm.score(
-                images, [question.format(prompt=p) for p in prompts], resize=None)))
-        elif name == "dreamsim_diversity":
-            metrics.append(Metric(name, dreamsim_embedder(device, random=twins is not None)))
-    return metrics
+    """One scorer per metric from the scorer registry, with the published evaluation's settings; each model
+    loaded once, the VLM questions sharing one VLM. `twins` ("tiny" or "full"): random-weight stand-ins."""
+    scorers = Scorers(device, twins, purpose="metric", vlm_model_name=vlm_model_name)
+    return [Metric(name, dreamsim_embedder(device, random=twins is not None) if name == "dreamsim_diversity"
+                   else scorers.build(name)) for name in names]
 
 
 def dreamsim_embedder(device: torch.device, random: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
@@ -159,44 +128,6 @@ def load_dreamsim(device: torch.device):
         finally:  # DreamSim points torch.hub at its cache folder for the whole process: put both back
             torch.hub.load = fetch
             torch.hub.set_dir(hub_dir)
-
-
-def evaluate(cfg: MetricsConfig) -> dict:
-    """Run the evaluation; rank 0 prints the table, writes --out and returns the results."""
-    check_metrics_config(cfg)
-    start = time.time()
-    twins = REWARD_TWINS.get(cfg.pretrained_model)
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
-    device = distributed.init()
-    prompts = select_prompts(prompt_set(cfg.prompt_set, twins is not None), cfg.num_prompts, cfg.prompt_seed)
-
-    # Generate this rank's images with the plain pipeline.
-    pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, device)
-    mine = rank_prompt_indices(len(prompts), distributed.rank(), distributed.world_size())
-    jobs = [(i, r) for i in mine for r in range(cfg.num_repeats)]
-    images = generate_images(pipe, [prompts[i] for i, _ in jobs],
-                             [image_seed(cfg.image_seed, i, cfg.num_repeats, r) for i, r in jobs],
-                             cfg.num_solver_steps, cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length,
-                             cfg.batch_size)
-    del pipe
-
-    # Score them with every metric, in batches; gather (prompt index, repeat, value) from all ranks.
-    results = {}
-    for metric in build_metrics(cfg.metrics, device, twins, cfg.vlm_model_name):
-        values = torch.cat([metric.score(images[k:k + cfg.batch_size], [prompts[i] for i, _ in jobs[k:k + cfg.batch_size]])
-                            .float().cpu() for k in range(0, len(jobs), cfg.batch_size)]) if jobs else torch.empty(0)
-        gathered = [row for part in distributed.all_gather_objects(list(zip(jobs, values.tolist()))) for row in part]
-        results[metric.name] = summarise(metric.name, gathered)
-
-    report = {"config": to_jsonable(cfg), "checkpoint": str(checkpoint) if checkpoint else None,
-              "num_prompts": len(prompts), "world_size": distributed.world_size(),
-              "elapsed_s": time.time() - start, "results": results}
-    if distributed.is_main():
-        print_table(results)
-        if cfg.out is not None:
-            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def summarise(name: str, rows: list) -> dict:

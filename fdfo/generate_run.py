@@ -18,7 +18,7 @@ def generate(cfg: GenerateConfig) -> Path:
     """Write the grid to cfg.out and return its path."""
     check_generate_config(cfg)
     prompts = load_prompts(cfg.prompts or DEFAULT_PROMPTS)
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
     pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
     per_prompt = cfg.grid_rows * cfg.grid_cols
     # As published: image i of the grid (prompt-major) starts from seed + i.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdfo.checkpoint import CheckpointError, find_checkpoint
+from fdfo.ema import ema_folder
 from fdfo.lora import ADAPTER_FILES
 
 HUB_URL = re.compile(r"https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)/(?P<subdir>.+?)/?$")
@@ -36,8 +37,9 @@ def parse_checkpoint(spec: str) -> HubCheckpoint | Path:
     return Path(spec)
 
 
-def resolve_checkpoint(spec: str | None) -> Path | None:
-    """A local folder holding the LoRA adapter files (downloading only that subfolder for Hub forms)."""
+def resolve_checkpoint(spec: str | None, ema: bool = False) -> Path | None:
+    """A local folder holding the LoRA adapter files (downloading only that subfolder for Hub forms); with `ema`,
+    the checkpoint's EMA LoRA."""
     if spec is None:
         return None
     where = parse_checkpoint(spec)
@@ -45,4 +47,5 @@ def resolve_checkpoint(spec: str | None) -> Path | None:
         from huggingface_hub import snapshot_download
         root = snapshot_download(where.repo, revision=where.revision, allow_patterns=[f"{where.subdir}/*"])
         where = Path(root) / where.subdir
-    return find_checkpoint(where, required=ADAPTER_FILES[1])
+    checkpoint = find_checkpoint(where, required=ADAPTER_FILES[1])
+    return ema_folder(checkpoint) if ema else checkpoint

@@ -12,8 +12,6 @@ from fdfo import tiny
 from fdfo.errors import UserError
 
 RANDOM_MODELS = {"tiny": "tiny", "sd35m-random": "sd35m"}
-# The reward models that go with a random base model: tiny twins, or full-size random weights.
-REWARD_TWINS = {"tiny": "tiny", "sd35m-random": "full"}
 
 
 class ModelLoadError(UserError, RuntimeError):

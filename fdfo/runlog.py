@@ -1,5 +1,5 @@
 """The run folder and its records: config.json (settings, their history, the batch plan), training_log.jsonl and
-reward_curve.png (always), Weights & Biases (when asked)."""
+reward_curve.png (always), Weights & Biases (when asked), and what is printed at the start, every epoch and at a stop."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fdfo import distributed
-from fdfo.checkpoint import checkpoint_dir, read_settings
+from fdfo.batching import BatchPlan
+from fdfo.checkpoint import checkpoint_dir, read_settings, run_checkpoints
+from fdfo.generation import to_uint8
 from fdfo.plots import REWARD_CURVE, plot_reward_curve
 from fdfo.resume import Resume, run_of
 
 LOG_FILE = "training_log.jsonl"
 CONFIG_FILE = "config.json"
+WANDB_IMAGE_EVERY = 10  # epochs between the image pairs sent to W&B
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
@@ -123,6 +128,27 @@ class RunLog:
                 pictures[name] = wandb.Image(pixels, caption=caption)
             self.wandb.log({**{k: v for k, v in record.items() if k != "kind"}, **pictures})
 
+    def write_epoch(self, record: dict[str, Any], steps: list[dict[str, Any]],
+                    example: tuple[torch.Tensor, list[float], str]) -> None:
+        """The epoch's step records and its own; a line on stdout. `example` (a pair's two images in [0, 1], their
+        rewards, its prompt) goes to W&B side by side every WANDB_IMAGE_EVERY epochs."""
+        for step in steps:
+            self.write(step)
+        images = None
+        if record["epoch"] % WANDB_IMAGE_EVERY == 0:
+            pair, (r0, r1), prompt = example
+            side_by_side = to_uint8(torch.cat(list(pair), dim=2)).permute(1, 2, 0).numpy()
+            images = {"pair": (side_by_side, f"R = {r0:.3f} | {r1:.3f}: {prompt}")}
+        self.write(record, images)
+        # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
+        norms = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
+        skipped = sum(s.get("skipped", False) for s in steps)
+        distributed.print0(f"epoch {record['epoch']}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
+                           f"clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
+                           f"grad norm {sum(norms) / len(norms) if norms else float('nan'):.3g}, "
+                           + (f"{skipped} of {len(steps)} steps skipped (fp16 overflow), " if skipped else "")
+                           + f"{record['pairs_per_s']:.2f} pairs/s")
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -131,3 +157,40 @@ class RunLog:
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def announce(settings: dict[str, Any], plan: BatchPlan, pairs_asked: int, resume: Resume | None) -> None:
+    """Print the resolved settings and batch plan, and in a line each what was rounded or changed on resume."""
+    distributed.print0(json.dumps({"config": settings, "batch_plan": asdict(plan)}, indent=2))
+    if plan.total_pairs != pairs_asked:
+        distributed.print0(f"--total-pairs-per-epoch {pairs_asked} rounds down to {plan.total_pairs}: "
+                           f"{plan.pairs_per_rank} pairs on each of {plan.world_size} rank(s), a multiple of what "
+                           f"{plan.gradient_steps_per_epoch} gradient steps per epoch divide evenly.")
+    if resume is None:
+        return
+    distributed.print0(f"Resuming from {resume.checkpoint}: {resume.state.epochs_done} epochs and "
+                       f"{resume.state.optimizer_steps} optimiser steps done.")
+    if resume.run_dir is None:
+        distributed.print0("It is not its run's newest checkpoint, so the run continues in a new folder (a branch "
+                           "that records its parent): the two never mix.")
+    if resume.changes:
+        distributed.print0("Changed on resume (recorded in config.json's history): " + ", ".join(
+            f"{name} {old} → {new}" for name, (old, new) in resume.changes.items()) + ".")
+
+
+def report_stop(run_dir: Path, stop: BaseException, new_folder: bool, epochs_run: int) -> None:
+    """After a crash or Ctrl-C (rank 0): remove a new run folder that holds no finished epoch, and say where
+    things stand."""
+    if not distributed.is_main():
+        return
+    if new_folder and epochs_run == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        where = f"No epoch had finished, so the new run folder {run_dir} was removed."
+    else:
+        done = run_checkpoints(run_dir)
+        where = (f"The last checkpoint is {done[-1]}; continue with: python train.py --resume-from {run_dir}"
+                 if done else f"No checkpoint was written yet in {run_dir}; the run has to start again.")
+    if isinstance(stop, KeyboardInterrupt):
+        print(f"\nInterrupted. {where}", flush=True)
+    else:
+        print(f"The run stopped with an error. {where}", flush=True)

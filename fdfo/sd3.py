@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from fdfo import distributed
+
 
 @dataclass
 class PromptEmbeds:
@@ -30,6 +32,27 @@ class PromptEmbeds:
     def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return PromptEmbeds(pick(self.embeds), pick(self.pooled), pick(self.uncond_embeds), pick(self.uncond_pooled))
+
+    # Batches of an epoch, kept apart from their empty-prompt rows: those are all alike, so one is kept
+    # (`cat`, `gather`) and repeated for the rows taken (`take`).
+    @staticmethod
+    def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
+        """The rows of all parts, and one empty-prompt row."""
+        first = parts[0]
+        return PromptEmbeds(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]),
+                            None if first.uncond_embeds is None else first.uncond_embeds[:1],
+                            None if first.uncond_pooled is None else first.uncond_pooled[:1])
+
+    def gather(self) -> PromptEmbeds:
+        """The rows of every rank, in rank order (and the one empty-prompt row)."""
+        return PromptEmbeds(distributed.all_gather_tensor(self.embeds), distributed.all_gather_tensor(self.pooled),
+                            self.uncond_embeds, self.uncond_pooled)
+
+    def take(self, rows: torch.Tensor) -> PromptEmbeds:
+        """Rows `rows`, each with the empty-prompt row."""
+        expand = lambda x: None if x is None else x.expand(len(rows), *x.shape[1:])  # noqa: E731
+        return PromptEmbeds(self.embeds[rows], self.pooled[rows], expand(self.uncond_embeds),
+                            expand(self.uncond_pooled))
 
 
 @torch.no_grad()

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from fdfo.estimator import (endpoint_differences, log_ratio, normalise, reward_differences, surrogate_loss,

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
 
 from fdfo.export import WEIGHT_NAME, export
 from fdfo.config import ConfigError, ExportConfig
@@ -53,3 +54,18 @@ def test_export_needs_a_checkpoint_and_a_folder(checkpoint, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file"):
         export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "file"))
+
+
+def test_merged_transformer_gives_the_loras_images(checkpoint, tmp_path):
+    export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "lora", merged=True, pretrained_model="tiny"))
+    merged = random_pipeline("tiny")
+    merged.transformer = SD3Transformer2DModel.from_pretrained(tmp_path / "lora" / "transformer")
+    assert not any("lora" in name for name, _ in merged.transformer.named_parameters())
+    ours = random_pipeline("tiny")
+    attach_lora_from(ours.transformer, checkpoint)
+    mine, folded, base = images(ours), images(merged), images(random_pipeline("tiny"))
+    # Folding B·A into W rounds differently from adding the two products (measured: the same uint8 images here).
+    difference = (mine.int() - folded.int()).abs()
+    print(f"merged vs LoRA: mean |difference| {difference.float().mean():.3f}, max {difference.max()} (of 255); "
+          f"LoRA vs base {(mine.int() - base.int()).abs().float().mean():.1f}")
+    assert difference.float().mean() < 0.1 and difference.max() <= 2

@@ -6,16 +6,17 @@ from diffusers import SD3Transformer2DModel
 from peft import get_peft_model
 from PIL import Image
 
-from fdfo.checkpoint import CheckpointError
+from fdfo.checkpoint import CheckpointError, find_checkpoint
 from fdfo.cli import parse, parse_train_config
-from fdfo.config import GenerateConfig
+from fdfo.config import ConfigError, GenerateConfig
+from fdfo.ema import EmaMissingError
 from fdfo.generate_run import generate
 from fdfo.generation import image_noise, to_uint8
 from fdfo.grid import grid_size, make_grid
 from fdfo.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
 from fdfo.lora import LoraLoadError, attach_lora_from, lora_config
 from fdfo.tiny import TINY_TRANSFORMER, random_pipeline
-from fdfo.train_loop import train
+from fdfo.train_run import train
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -94,14 +95,24 @@ def test_generation_defaults_to_the_pipelines_t5_length_and_the_published_seeds(
 def test_train_then_generate_round_trip(tmp_path):
     run_dir = train(parse_train_config(["--pretrained-model", "tiny", "--reward-preset", "compressibility",
                                         "--total-pairs-per-epoch", "4", "--num-epochs", "1",
-                                        "--sample.num-solver-steps", "2", "--runs-dir", str(tmp_path)]))
+                                        "--sample.num-solver-steps", "2", "--runs-dir", str(tmp_path),
+                                        "--ema-decay", "0.9"]))
     (tmp_path / "prompts.txt").write_text("a red cube\na blue sphere\n")
     out = generate(parse(GenerateConfig, [
         "--pretrained-model", "tiny", "--checkpoint", str(run_dir), "--prompts", str(tmp_path / "prompts.txt"),
         "--out", str(tmp_path / "new" / "grid.png"), "--num-solver-steps", "2", "--grid-rows", "1",
-        "--grid-cols", "2"]))
+        "--grid-cols", "2", "--ema"]))
     grid = Image.open(out)
     assert grid.width == 2 * 2 * 64 + 3 * 8  # 2 prompts × 2 columns of 64 px, created folder
+    assert resolve_checkpoint(str(run_dir), ema=True) == find_checkpoint(run_dir) / "ema"
+
+
+def test_ema_of_a_checkpoint_without_one_is_refused(tmp_path):
+    get_peft_model(random_pipeline("tiny").transformer, lora_config(4, 8)).save_pretrained(tmp_path / "epoch-0000001")
+    with pytest.raises(EmaMissingError, match="holds no EMA weights .*only runs trained with --ema-decay"):
+        resolve_checkpoint(str(tmp_path / "epoch-0000001"), ema=True)
+    with pytest.raises(ConfigError, match="--ema uses a checkpoint's EMA weights: give --checkpoint too"):
+        generate(parse(GenerateConfig, ["--pretrained-model", "tiny", "--ema"]))
 
 
 def test_published_format_folder_loads_without_missing_or_unexpected_keys(tmp_path):

@@ -1,11 +1,15 @@
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from fdfo.rewards import PRESETS, build_reward
+from fdfo.config import MetricName
+from fdfo.evaluation import build_metrics
+from fdfo.rewards import PRESETS, Reward, RewardTerm, Scorers, build_reward
 from fdfo.rewards.clip_score import ClipScore
+from fdfo.rewards.registry import RewardSpecError, parse_terms, reward_terms
 from fdfo.rewards.twins import qwen_tokenizer, random_clip, random_qwen_vl
 from fdfo.rewards import vlm as vlm_module
 from fdfo.rewards.vlm import TRAIN_QUESTION, YesNoVlm, single_token
@@ -87,26 +91,26 @@ def test_vlm_buffers_are_bf16_as_in_the_published_reward(tmp_path):
           f"ours vs FSDP1 {(ours - published).abs().max():.2e}")
     torch.testing.assert_close(ours, published, rtol=0, atol=1e-5)
     assert (ours - exact).abs().max() > 10 * (ours - published).abs().max()
-    reward = build_reward("vlm_alignment", CPU, twins="tiny")  # the training reward's default
+    reward = build_reward(PRESETS["vlm_alignment"], Scorers(CPU, twins="tiny", purpose="reward"))  # the training reward's default
     torch.testing.assert_close(reward(images(), PROMPTS).total, ours, rtol=0, atol=1e-5)
 
 
 def test_combined_preset_is_the_weighted_sum_of_its_terms():
-    reward = build_reward("combined", CPU, twins="tiny")
+    reward = build_reward(PRESETS["combined"], Scorers(CPU, twins="tiny", purpose="reward"))
     out = reward(images(), PROMPTS)
     assert [(t.name, t.weight) for t in reward.terms] == PRESETS["combined"] == [("pickscore", 1.0), ("vlm_alignment", 0.1)]
     torch.testing.assert_close(out.total, out.terms["pickscore"] + 0.1 * out.terms["vlm_alignment"])
 
 
 def test_long_and_empty_prompts_are_scored():
-    reward = build_reward("combined", CPU, twins="tiny")
+    reward = build_reward(PRESETS["combined"], Scorers(CPU, twins="tiny", purpose="reward"))
     out = reward(images(2), ["word " * 300, ""])
     assert torch.isfinite(out.total).all()
 
 
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="valid presets are: pickscore, vlm_alignment, combined, brightness, compressibility"):
-        build_reward("aesthetic", CPU, twins="tiny")
+        reward_terms("aesthetic", ())
 
 
 def test_yes_and_no_must_be_single_tokens():
@@ -114,3 +118,58 @@ def test_yes_and_no_must_be_single_tokens():
     assert single_token(tokenizer, "Yes") != single_token(tokenizer, "No")
     with pytest.raises(ValueError, match="splits 'Maybe' into 5 tokens"):
         single_token(tokenizer, "Maybe")
+
+
+def test_terms_and_weights_from_the_command_line():
+    assert parse_terms(("pickscore=1", "hpsv2=0.5", "vlm_alignment=-1e-1", "brightness")) == [
+        ("pickscore", 1.0), ("hpsv2", 0.5), ("vlm_alignment", -0.1), ("brightness", 1.0)]
+    assert reward_terms("combined", ("clip_l14=2",)) == [("clip_l14", 2.0)]  # --reward replaces the preset
+    assert reward_terms("combined", ()) == PRESETS["combined"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("aesthetic=1", "Unknown reward term `aesthetic`; known terms are: brightness, compressibility, pickscore, hpsv2, "
+                    "clip_h14, clip_l14, vlm_alignment, vlm_quality, vlm_photo; or name your own"),
+    ("pickscore=high", "the weight `high` is not a number"),
+    ("no_such_module_xyz:score=1", "importing `no_such_module_xyz` failed .ModuleNotFoundError"),
+    ("fdfo.rewards.brightness:nothing=1", "`fdfo.rewards.brightness` has no function `nothing`"),
+    ("fdfo.rewards.brightness:torch=1", r"has no function `torch` \(it is a module\)"),
+])
+def test_bad_terms_are_refused_with_a_sentence(spec, message):
+    with pytest.raises(RewardSpecError, match=message):
+        parse_terms((spec,))
+
+
+def test_a_failing_module_import_says_what_failed(tmp_path, monkeypatch):
+    (tmp_path / "broken_rewards.py").write_text("import numpy\nraise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardSpecError, match=r"importing `broken_rewards` failed \(RuntimeError: no GPU here\)"):
+        parse_terms(("broken_rewards:score=1",))
+    with pytest.raises(RewardSpecError, match="more than once"):
+        parse_terms(("pickscore=1", "pickscore=2"))
+
+
+@pytest.mark.parametrize("returned,message", [
+    (torch.ones(3, 1), r"returned a torch.float32 tensor of shape \(3, 1\)"),
+    (torch.ones(3, dtype=torch.int64), "returned a torch.int64 tensor of shape"),
+    ([1.0, 2.0, 3.0], "returned a list"),
+])
+def test_a_scorer_of_the_wrong_shape_or_dtype_is_named(returned, message):
+    reward = Reward([RewardTerm("mine", 1.0, lambda images, prompts: returned)])
+    with pytest.raises(RewardSpecError, match=f"`mine` {message}.*shape \\(3,\\): one number per image"):
+        reward(images(), PROMPTS)
+
+
+def test_every_metric_is_a_training_term_from_the_same_registry():
+    # Training builds its terms and evaluation its metrics through one Scorers registry: with the same twins,
+    # a CLIP-type metric and the term of the same name are the same model; a VLM metric asks the evaluation's
+    # question, the training term the published reward's own.
+    terms = [name for name in typing.get_args(MetricName) if name != "dreamsim_diversity"]
+    reward = build_reward([(name, 1.0) for name in terms], Scorers(CPU, twins="tiny", purpose="reward"))
+    out = reward(images(), PROMPTS)
+    assert list(out.terms) == terms and all(v.shape == (3,) for v in out.terms.values())
+    metrics = {m.name: m.score for m in build_metrics(tuple(terms), CPU, twins="tiny", vlm_model_name="qwenvl-7b")}
+    for name in ("pickscore", "hpsv2", "clip_h14", "clip_l14"):
+        torch.testing.assert_close(metrics[name](images(), PROMPTS), out.terms[name], rtol=0, atol=1e-5)
+    assert len({round(v[0].item(), 3) for k, v in out.terms.items() if k.startswith("clip") or k in ("pickscore", "hpsv2")}) == 4
+    assert not torch.allclose(metrics["vlm_alignment"](images(), PROMPTS), out.terms["vlm_alignment"])

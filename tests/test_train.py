@@ -17,7 +17,7 @@ from fdfo.config import ConfigError
 from fdfo.prompts import PromptFileError
 from fdfo.rewards import Reward, RewardTerm
 from fdfo.runlog import read_log
-from fdfo.train_loop import train
+from fdfo.train_run import train
 from tests.conftest import ROOT, torchrun
 
 # A small but complete run: 8 pairs of 4-step trajectories at 32 px, 2 optimiser steps per epoch, the
@@ -35,6 +35,10 @@ def epoch_records(run_dir):
 
 def lora_weights(run_dir, epochs):
     return load_file(Path(run_dir) / "checkpoints" / f"epoch-{epochs:07d}" / "adapter_model.safetensors")
+
+
+def ema_weights(run_dir, epochs):
+    return load_file(Path(run_dir) / "checkpoints" / f"epoch-{epochs:07d}" / "ema" / "adapter_model.safetensors")
 
 
 def run_ranks(nproc, runs_dir, *flags):
@@ -85,15 +89,18 @@ def test_execution_batch_sizes_change_only_rounding(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "a"), "--num-epochs", "4",
+    ema = ["--ema-decay", "0.9"]  # the EMA of the LoRA weights resumes exactly too
+    straight = train(parse_train_config([*SMALL, *ema, "--runs-dir", str(tmp_path / "a"), "--num-epochs", "4",
                                          "--save-freq", "2"]))
-    first = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "2",
+    first = train(parse_train_config([*SMALL, *ema, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "2",
                                       "--save-freq", "2"]))
     resumed = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path / "b"), "--num-epochs", "4",
                                         "--save-freq", "2", "--resume-from", str(first)]))
     assert resumed == first  # continues in the same run folder
-    for key, value in lora_weights(straight, 4).items():
-        assert torch.equal(lora_weights(resumed, 4)[key], value), key
+    for weights in (lora_weights, ema_weights):
+        for key, value in weights(straight, 4).items():
+            assert torch.equal(weights(resumed, 4)[key], value), key
+    assert not torch.equal(*(next(iter(weights(straight, 4).values())) for weights in (lora_weights, ema_weights)))
     assert [r["reward_mean"] for r in epoch_records(resumed)] == [r["reward_mean"] for r in epoch_records(straight)]
     assert [r["epoch"] for r in epoch_records(resumed)] == [0, 1, 2, 3]
     steps = [r for r in read_log(resumed) if r["kind"] == "step"]
@@ -249,3 +256,43 @@ def test_non_finite_reward_names_the_prompt():
         reward(torch.rand(2, 3, 8, 8) * 2, ["a", "b"])
     with pytest.raises(ValueError, match="shape"):
         reward(torch.rand(2, 8, 8), ["a", "b"])
+
+
+def test_ema_is_the_average_of_the_steps_weights_by_hand(tmp_path):
+    # One optimiser step an epoch and a checkpoint every epoch: the LoRA after steps 1, 2, 3 are w1, w2, w3. With
+    # diffusers' warm-up the decay of update n is min(0.9, n / (9 + n)) from the second update on (the first copies).
+    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "3", "--save-freq", "1",
+                                        "--gradient-steps-per-epoch", "1", "--ema-decay", "0.9"]))
+    w1, w2, w3 = (lora_weights(run_dir, n) for n in (1, 2, 3))
+    ema = ema_weights(run_dir, 3)
+    for key in ema:
+        by_hand = w1[key]
+        for n, w in ((2, w2[key]), (3, w3[key])):
+            decay = min(0.9, n / (9 + n))
+            by_hand = decay * by_hand + (1 - decay) * w
+        torch.testing.assert_close(ema[key], by_hand, rtol=0, atol=1e-7)
+    assert (w3[key] - ema[key]).abs().max() > 1e-4  # the average lags the weights
+    with pytest.raises(ConfigError, match="--ema-decay must be between 0 and 1"):
+        train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--ema-decay", "1.5"]))
+
+
+def test_a_reward_from_the_users_own_module_trains_the_tiny_model(tmp_path, monkeypatch):
+    """The demo's run with `--reward my_rewards:darkness=2`, a scorer from a module written here: the images
+    darken far beyond the noise (the same margin as the demo test), and the term is logged and recorded."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def darkness(images, prompts):\n    return 1 - images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = train(parse_train_config(["--pretrained-model", "tiny", "--runs-dir", str(tmp_path), "--num-epochs",
+                                        "10", "--reward", "my_rewards:darkness=2"]))
+    assert run_dir.name.endswith("my_rewards.darkness-cfg_1p0")
+    epochs = epoch_records(run_dir)
+    term = [r["reward_my_rewards:darkness"] for r in epochs]
+    assert [r["reward_mean"] for r in epochs] == pytest.approx([2 * t for t in term], rel=1e-5)
+    standard_error = [r["reward_my_rewards:darkness_std"] / math.sqrt(2 * 64) for r in epochs]
+    first, last = sum(term[:3]) / 3, sum(term[-3:]) / 3
+    rise_error = math.sqrt(sum(se**2 for se in standard_error[:3] + standard_error[-3:])) / 3
+    threshold = 10 * sum(standard_error) / len(standard_error) + 5 * rise_error
+    print(f"darkness of epochs 0-2: {first:.4f}, of epochs 7-9: {last:.4f}, rise {last - first:.4f} "
+          f"(threshold {threshold:.4f})")
+    assert last - first > threshold
+    assert json.loads((run_dir / "config.json").read_text())["config"]["reward"] == ["my_rewards:darkness=2"]

@@ -1,12 +1,9 @@
-"""CLIP-type preference scores (PickScore; HPSv2 and CLIP-H/L in evaluation): logit_scale.exp() · cos(text, image)."""
+"""CLIP-type preference scores (PickScore, HPSv2, CLIP-H/L): logit_scale.exp() · cos(text, image)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoProcessor, CLIPModel
-
-PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
-PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 class ClipScore:

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images (B, 3, H, W) in [0, 1], prompts → (B,) float32
-
-# Preset name → (term, weight) list (paper §6; brightness is the offline demo's reward, compressibility DDPO's).
-PRESETS: dict[str, list[tuple[str, float]]] = {
-    "pickscore": [("pickscore", 1.0)],
-    "vlm_alignment": [("vlm_alignment", 1.0)],
-    "combined": [("pickscore", 1.0), ("vlm_alignment", 0.1)],
-    "brightness": [("brightness", 1.0)],
-    "compressibility": [("compressibility", 1.0)],
-}
+from fdfo.rewards.registry import RewardSpecError, Scorer, Scorers
 
 
 @dataclass
@@ -49,7 +39,7 @@ class Reward:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         check_images(images, prompts)
-        scores = {term.name: term.scorer(images, prompts).float() for term in self.terms}
+        scores = {term.name: checked_scores(term.name, term.scorer(images, prompts), len(prompts)) for term in self.terms}
         total = sum(term.weight * scores[term.name] for term in self.terms)
         for name, values in [*scores.items(), ("total", total)]:
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
@@ -61,6 +51,16 @@ class Reward:
         return RewardOutput(total=total, terms=scores)
 
 
+def checked_scores(name: str, scores: object, count: int) -> torch.Tensor:
+    """A scorer's output as a float32 tensor of shape (count,), or an error that says what it returned."""
+    if isinstance(scores, torch.Tensor) and scores.shape == (count,) and scores.is_floating_point():
+        return scores.float()
+    got = (f"a {scores.dtype} tensor of shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor)
+           else f"a {type(scores).__name__}")
+    raise RewardSpecError(f"The reward term `{name}` returned {got}; a scorer must return a float tensor of shape "
+                          f"({count},): one number per image.")
+
+
 def check_images(images: torch.Tensor, prompts: list[str]) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"Rewards take images of shape (batch, 3, height, width), got {tuple(images.shape)}.")
@@ -70,58 +70,10 @@ def check_images(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError("Rewards take float images with values in [0, 1]; convert uint8 images with x / 255.")
 
 
-def build_scorer(name: str, device: torch.device, twins: str | None, vlm_model_name: str, shard_vlm: bool,
-                 vlm_buffers: str = "bf16") -> Scorer:
-    """The scorer of a reward term. `twins`: None = the real models; "tiny" = tiny random twins (offline
-    tests); "full" = random weights with the real shapes (GPU benchmarks). `vlm_buffers`: the dtype of the
-    VLM's rotary frequencies, "bf16" as in the published training reward or "fp32"."""
-    if name == "brightness":
-        from fdfo.rewards.brightness import brightness
-        return brightness
-    if name == "compressibility":
-        from fdfo.rewards.compressibility import Compressibility
-        return Compressibility()
-    if name == "pickscore":
-        from fdfo.rewards.clip_score import PICKSCORE_MODEL, PICKSCORE_PROCESSOR, ClipScore
-        from fdfo.rewards.twins import random_clip
-        if twins:
-            return ClipScore(*random_clip(size=twins, device=device), device)
-        return ClipScore.from_pretrained(PICKSCORE_MODEL, PICKSCORE_PROCESSOR, device)
-    if name == "vlm_alignment":
-        from fdfo.rewards.twins import vlm_twin
-        from fdfo.rewards.vlm import YesNoVlm
-        buffer_dtype = {"bf16": torch.bfloat16, "fp32": None}[vlm_buffers]
-        if twins:
-            vlm = YesNoVlm(*vlm_twin(twins, device), device, shard=shard_vlm, buffer_dtype=buffer_dtype)
-        else:
-            vlm = YesNoVlm.from_pretrained(vlm_model_name, device, shard=shard_vlm, buffer_dtype=buffer_dtype)
-        return VlmAlignment(vlm)
-    raise ValueError(f"Unknown reward term `{name}`; valid terms are: {', '.join(sorted(valid_terms()))}.")
+def build_reward(terms: list[tuple[str, float]], scorers: Scorers) -> Reward:
+    """The weighted sum of `terms` ((name, weight) pairs, see registry.reward_terms), scorers built by `scorers`.
 
-
-class VlmAlignment:
-    """The paper's VLM term: P(yes) to "does this image show <prompt>?" at 504 px."""
-
-    def __init__(self, vlm):
-        self.vlm, self.model, self.sharded = vlm, vlm.model, vlm.sharded
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from fdfo.rewards.vlm import TRAIN_QUESTION
-        return self.vlm.score(images, [TRAIN_QUESTION.format(prompt=p) for p in prompts], resize=504)
-
-
-def valid_terms() -> set[str]:
-    return {name for terms in PRESETS.values() for name, _ in terms}
-
-
-def build_reward(preset: str, device: torch.device, twins: str | None = None, vlm_model_name: str = "qwenvl-7b",
-                 shard_vlm: bool = True, vlm_buffers: str = "bf16") -> Reward:
-    """The reward of a preset; `twins` ("tiny" or "full") swaps model-based terms for random-weight twins.
-
-    With several ranks and `shard_vlm`, the VLM's parameters are sharded over the ranks (FSDP2): every
+    With several ranks and a sharded VLM, the VLM's parameters are sharded over the ranks (FSDP2): every
     rank must then score the same number of batches, which the epoch guarantees.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown reward preset `{preset}`; valid presets are: {', '.join(PRESETS)}.")
-    return Reward([RewardTerm(name, weight, build_scorer(name, device, twins, vlm_model_name, shard_vlm, vlm_buffers))
-                   for name, weight in PRESETS[preset]])
+    return Reward([RewardTerm(name, weight, scorers.build(name)) for name, weight in terms])

@@ -1,0 +1,175 @@
+"""Every scorer fdfo knows, by name, built one way for training rewards and evaluation metrics alike.
+
+A scorer maps float images in [0, 1] (or uint8 images, in evaluation) and their prompts to one float
+per image. Besides the built-in names, a training term may name the user's own scorer as
+`package.module:callable`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from fdfo.errors import UserError
+
+Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images (B, 3, H, W), prompts → (B,) float
+
+# Preset name → (term, weight) list (paper §6; brightness is the offline demo's reward, compressibility DDPO's).
+PRESETS: dict[str, list[tuple[str, float]]] = {
+    "pickscore": [("pickscore", 1.0)],
+    "vlm_alignment": [("vlm_alignment", 1.0)],
+    "combined": [("pickscore", 1.0), ("vlm_alignment", 0.1)],
+    "brightness": [("brightness", 1.0)],
+    "compressibility": [("compressibility", 1.0)],
+}
+# CLIP-type scorers: (model, processor for training, processor for evaluation), each as published; the score
+# is logit_scale.exp() · cosine for all. The twin seed gives each random stand-in its own weights.
+CLIP_SCORERS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "yuvalkirstain/PickScore_v1"),
+    "hpsv2": ("adams-story/HPSv2-hf", "adams-story/HPSv2-hf", "adams-story/HPSv2-hf"),
+    "clip_h14": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K",) * 3,
+    "clip_l14": ("openai/clip-vit-large-patch14",) * 3,
+}
+# VLM yes/no questions. The published training reward asks its own alignment question of images resized to
+# 504 px; the published evaluation asks these of the images as generated.
+VLM_QUESTIONS = {
+    "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
+    "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
+    "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
+}
+TRAIN_VLM_RESIZE = 504
+SCORER_NAMES = ("brightness", "compressibility", *CLIP_SCORERS, *VLM_QUESTIONS)
+# The reward models that go with a random base model: tiny twins, or full-size random weights.
+TWINS = {"tiny": "tiny", "sd35m-random": "full"}
+
+
+class RewardSpecError(UserError, ValueError):
+    """A reward term that cannot be used; the message says which and what to write instead."""
+
+
+def twins_for(pretrained_model: str) -> str | None:
+    """None (the real reward models) for a real base model; "tiny" or "full" random twins for a random one."""
+    return TWINS.get(pretrained_model)
+
+
+def parse_terms(specs: tuple[str, ...]) -> list[tuple[str, float]]:
+    """`NAME=WEIGHT` strings (the weight defaults to 1) → (name, weight) pairs, every name checked."""
+    terms = []
+    for spec in specs:
+        name, has_weight, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise RewardSpecError(f"--reward {spec}: the weight `{weight}` is not a number; write NAME=WEIGHT, "
+                                  "e.g. pickscore=1.") from None
+        check_term(name)
+        terms.append((name, value))
+    names = [name for name, _ in terms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RewardSpecError(f"--reward names {', '.join(duplicates)} more than once; give each term once.")
+    return terms
+
+
+def reward_terms(preset: str, specs: tuple[str, ...]) -> list[tuple[str, float]]:
+    """The run's (term, weight) list: the terms of `--reward` if given, else the preset's."""
+    if specs:
+        return parse_terms(specs)
+    if preset not in PRESETS:
+        raise RewardSpecError(f"Unknown reward preset `{preset}`; valid presets are: {', '.join(PRESETS)}.")
+    return PRESETS[preset]
+
+
+def check_term(name: str) -> None:
+    """A built-in name, or `module:callable` that imports and is callable."""
+    if ":" in name:
+        custom_scorer(name)
+    elif name not in SCORER_NAMES:
+        raise RewardSpecError(f"Unknown reward term `{name}`; known terms are: {', '.join(SCORER_NAMES)}; or name "
+                              "your own scorer as package.module:function.")
+
+
+def custom_scorer(name: str) -> Scorer:
+    """The user's scorer `module:attribute` (the module importable from the working folder or PYTHONPATH)."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an import error, or any error the module raises while it loads
+        raise RewardSpecError(f"Reward term `{name}`: importing `{module_name}` failed ({type(e).__name__}: {e}). "
+                              "Is the module's folder the working folder or on PYTHONPATH?") from None
+    scorer = getattr(module, attribute, None)
+    if not callable(scorer):
+        raise RewardSpecError(f"Reward term `{name}`: `{module_name}` has no function `{attribute}`"
+                              + ("" if scorer is None else f" (it is a {type(scorer).__name__})") + ".")
+    return scorer
+
+
+@dataclass
+class Scorers:
+    """Builds scorers by name, each model loaded once (the VLM questions share one VLM).
+
+    `purpose` picks the published settings: "reward" as the training reward (PickScore's CLIP-H processor,
+    the VLM's own alignment question at 504 px with bf16 rotary buffers, sharded over the ranks if
+    `shard_vlm`), "metric" as the evaluation. `twins` ("tiny" or "full"): random-weight stand-ins.
+    """
+
+    device: torch.device
+    twins: str | None
+    purpose: Literal["reward", "metric"]
+    vlm_model_name: str = "qwenvl-7b"
+    shard_vlm: bool = False
+    vlm_buffers: str = "bf16"
+    _vlm: Any = field(default=None, repr=False)
+
+    def build(self, name: str) -> Scorer:
+        check_term(name)
+        if ":" in name:
+            return custom_scorer(name)
+        if name == "brightness":
+            from fdfo.rewards.brightness import brightness
+            return brightness
+        if name == "compressibility":
+            from fdfo.rewards.compressibility import Compressibility
+            return Compressibility()
+        if name in CLIP_SCORERS:
+            return self.clip(name)
+        return VlmQuestion(self.vlm(), name, self.purpose)
+
+    def clip(self, name: str):
+        from fdfo.rewards.clip_score import ClipScore
+        from fdfo.rewards.twins import random_clip
+        if self.twins:
+            return ClipScore(*random_clip(seed=list(CLIP_SCORERS).index(name), size=self.twins, device=self.device),
+                             self.device)
+        model, train_processor, eval_processor = CLIP_SCORERS[name]
+        return ClipScore.from_pretrained(model, train_processor if self.purpose == "reward" else eval_processor,
+                                         self.device)
+
+    def vlm(self):
+        from fdfo.rewards.twins import vlm_twin
+        from fdfo.rewards.vlm import YesNoVlm
+        if self._vlm is None:
+            training = self.purpose == "reward"
+            buffer_dtype = torch.bfloat16 if training and self.vlm_buffers == "bf16" else None
+            shard = training and self.shard_vlm
+            self._vlm = (YesNoVlm(*vlm_twin(self.twins, self.device), self.device, shard=shard, buffer_dtype=buffer_dtype)
+                         if self.twins else
+                         YesNoVlm.from_pretrained(self.vlm_model_name, self.device, shard=shard, buffer_dtype=buffer_dtype))
+        return self._vlm
+
+
+class VlmQuestion:
+    """A VLM yes/no score; the training reward's alignment question is the published reward's own."""
+
+    def __init__(self, vlm, name: str, purpose: str):
+        from fdfo.rewards.vlm import TRAIN_QUESTION
+        self.vlm, self.model, self.sharded = vlm, vlm.model, vlm.sharded
+        training_alignment = purpose == "reward" and name == "vlm_alignment"
+        self.question = TRAIN_QUESTION if training_alignment else VLM_QUESTIONS[name]
+        self.resize = TRAIN_VLM_RESIZE if purpose == "reward" else None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.vlm.score(images, [self.question.format(prompt=p) for p in prompts], resize=self.resize)

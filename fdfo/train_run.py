@@ -1,0 +1,234 @@
+"""train.py's body, the FDFO run: sample pairs → score → finite differences → shuffle across ranks → optimise →
+report → save."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fdfo import distributed
+from fdfo.batching import BatchPlan, plan_batches
+from fdfo.before_after import BEFORE_AFTER, write_before_after
+from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig, check_train_config, to_jsonable
+from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
+from fdfo.exchange import fetch_items, rank_slice, step_items
+from fdfo.learner import Learner, set_up
+from fdfo.plots import REWARD_CURVE
+from fdfo.prompts import PromptStream, load_prompts
+from fdfo.resume import plan_resume
+from fdfo.runlog import RunLog, announce, open_run_dir, report_stop
+from fdfo.sampler import sample_pairs
+from fdfo.sd3 import PromptEmbeds, encode_prompts, predict_velocity
+from fdfo.seeding import item_permutation, pair_generator
+from fdfo.timing import PhaseTimer
+
+
+@dataclass
+class RankSamples:
+    """One rank's scored pairs of an epoch. Items are (sample, timestep) couples, item = sample · T + t."""
+
+    inputs: torch.Tensor  # x_t of every item: (2P·T, C, h, w)
+    velocities: torch.Tensor  # v_ref of every item: (2P·T, C, h, w)
+    sigmas: torch.Tensor  # (T + 1,)
+    final_latents: torch.Tensor  # (2P, C, h, w)
+    rewards: torch.Tensor  # (2P,)
+    terms: dict[str, torch.Tensor]  # term → (2P,)
+    cond: PromptEmbeds  # one row per pair
+    guidance_scale: float  # of the sampling, which training reproduces
+    prompts: list[str]  # one per pair
+    first_images: torch.Tensor  # the first pair's two images, for W&B
+
+
+@dataclass
+class SharedSignal:
+    """What every rank needs of every sample to train on any item: §3's d and dR, the prompt, the item order."""
+
+    d: torch.Tensor  # normalised endpoint differences, (2N, C, h, w)
+    dR: torch.Tensor  # reward differences, (2N,)
+    cond: PromptEmbeds  # prompt embeddings per pair (N rows)
+    order: torch.Tensor  # the epoch's shuffle of all items of all ranks: step k trains on its slice k
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or continue) a training run; returns its run folder."""
+    # Initialize: every setting, the prompts and the checkpoint are checked before anything loads or is written.
+    check_train_config(cfg)
+    device = distributed.init()
+    plan = plan_batches(cfg.total_pairs_per_epoch, distributed.world_size(), cfg.gradient_steps_per_epoch,
+                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size, cfg.sample.num_solver_steps,
+                        cfg.train.micro_batch)
+    stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
+    settings = to_jsonable(cfg)
+    resume = plan_resume(cfg.resume_from, settings, plan.total_pairs) if cfg.resume_from else None
+    announce(settings, plan, cfg.total_pairs_per_epoch, resume)
+    if cfg.dry_run:
+        return Path(cfg.runs_dir) / f"<next id>-{cfg.run_name or cfg.default_run_name}"
+
+    # Set up the model, its LoRA, the reward and the optimiser (restored from the checkpoint on resume).
+    learner = set_up(cfg, device, resume)
+    run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
+    log = RunLog(run_dir, cfg.log_wandb, resume_epoch=learner.epochs_done if resume else None)
+
+    # Main training loop.
+    epochs_run = 0
+    try:
+        for epoch in range(learner.epochs_done, cfg.num_epochs):
+            timer = PhaseTimer(device)
+
+            # Sample pairs and score them (paper §2, §6).
+            samples = sample_and_score(learner, stream, cfg.sample, plan, epoch, timer)
+
+            # Turn rewards into finite-difference targets and share them with every rank (§3).
+            with timer("share"):
+                signal = share_signal(samples, item_permutation(cfg.seed, epoch, plan.world_size * len(samples.inputs)))
+
+            # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
+            steps = optimise_epoch(learner, samples, signal, cfg.train, plan, timer)
+            learner.epochs_done = epoch + 1
+
+            # Report.
+            record = epoch_record(epoch, samples, timer, plan.total_pairs)
+            log.write_epoch(record, [{"kind": "step", "epoch": epoch, **s} for s in steps],
+                            (samples.first_images, samples.rewards[:2].tolist(), samples.prompts[0]))
+            epochs_run += 1
+
+            # Save checkpoint.
+            if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
+                learner.save(run_dir, plan.total_pairs, settings)
+
+        # Show what training did: the same prompts and seeds before and after.
+        learner.text_encoders.to_device()
+        learner.reward_models.to_device()
+        write_before_after(learner.pipe, learner.lora, learner.reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
+        distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
+    except BaseException as stop:
+        report_stop(run_dir, stop, new_folder=resume is None or resume.run_dir is None, epochs_run=epochs_run)
+        raise
+    finally:
+        log.close()
+    return run_dir
+
+
+def sample_and_score(learner: Learner, stream: PromptStream, sample: SampleConfig, plan: BatchPlan, epoch: int,
+                     timer: PhaseTimer) -> RankSamples:
+    """This rank's pairs of the epoch: global pairs rank·P … rank·P + P − 1, each from its own seeded noise.
+
+    Every batch's prompts are encoded first, so that the text encoders are parked before the reward models
+    come back to the GPU and sampling starts; the reward models are parked again once the last batch is scored.
+    """
+    pipe, device = learner.pipe, learner.pipe.transformer.device
+    first_pair = distributed.rank() * plan.pairs_per_rank
+    pair_ids = [range(first_pair + b * plan.sampling_batch, first_pair + (b + 1) * plan.sampling_batch)
+                for b in range(plan.sampling_calls)]
+    prompts = [stream.prompts_for(epoch, ids) for ids in pair_ids]
+    with timer("encode"):
+        learner.text_encoders.to_device()
+        conds = [encode_prompts(pipe, batch, sample.guidance_scale, sample.max_sequence_length).to(learner.compute_dtype)
+                 for batch in prompts]
+        learner.text_encoders.park()
+        learner.reward_models.to_device()
+    pipe.transformer.eval()
+    trajs, scores = [], []
+    for ids, batch, cond in tqdm(list(zip(pair_ids, prompts, conds)), desc=f"epoch {epoch} sampling",
+                                 disable=not distributed.is_main(), leave=False):
+        with timer("sample"):
+            generators = [pair_generator(stream.seed, epoch, g, device) for g in ids]
+            trajs.append(sample_pairs(pipe, cond, generators, sample.num_solver_steps, sample.churn_weight,
+                                      sample.guidance_scale, sample.resolution))
+        with timer("reward"):
+            scores.append(learner.reward(trajs[-1].images, [p for p in batch for _ in range(2)]))
+    learner.reward_models.park()
+    cat = torch.cat
+    return RankSamples(
+        inputs=cat([t.inputs for t in trajs]).flatten(0, 1), velocities=cat([t.velocities for t in trajs]).flatten(0, 1),
+        sigmas=trajs[0].sigmas, final_latents=cat([t.final_latents for t in trajs]),
+        rewards=cat([s.total for s in scores]), terms={k: cat([s.terms[k] for s in scores]) for k in scores[0].terms},
+        cond=PromptEmbeds.cat(conds), guidance_scale=sample.guidance_scale,
+        prompts=[p for batch in prompts for p in batch], first_images=trajs[0].images[:2].cpu(),
+    )
+
+
+def share_signal(samples: RankSamples, order: torch.Tensor) -> SharedSignal:
+    """d and dR of every sample of every rank, and every pair's prompt embeddings (small next to the trajectories)."""
+    d = normalise(endpoint_differences(samples.final_latents))
+    dR = reward_differences(samples.rewards)
+    return SharedSignal(d=distributed.all_gather_tensor(d), dR=distributed.all_gather_tensor(dR),
+                        cond=samples.cond.gather(), order=order)
+
+
+def optimise_epoch(learner: Learner, samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig,
+                   plan: BatchPlan, timer: PhaseTimer) -> list[dict[str, float]]:
+    """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle.
+
+    Timed phases: "exchange" (items fetched from their ranks), "train" (micro-batches without gradient
+    sync), "train_sync" (each step's last micro-batch, whose backward all-reduces the gradients), "optimizer".
+    """
+    micro_batches = plan.micro_batches_per_step
+    learner.lora.train()
+    stats = []
+    bar = tqdm(total=plan.gradient_steps_per_epoch * micro_batches, desc="training", disable=not distributed.is_main(),
+               leave=False)
+    for k in range(plan.gradient_steps_per_epoch):
+        items = step_items(signal.order, k, plan.gradient_steps_per_epoch)
+        mine = rank_slice(items, distributed.rank(), plan.world_size).to(samples.inputs.device)
+        with timer("exchange"):
+            x, v_ref = fetch_items([samples.inputs, samples.velocities], items, len(samples.inputs))
+
+        def backward_micro_batch(m: int) -> torch.Tensor:
+            """Accumulate micro-batch m's gradient; returns its loss, policy loss, kl, clipfrac and mean |ρ − 1|."""
+            rows = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
+            terms = micro_batch_loss(learner, x[rows], v_ref[rows], mine[rows], samples, signal, train)
+            learner.scaler.scale(terms.loss / micro_batches).backward()
+            bar.update()
+            return torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac,
+                                (terms.ratio - 1).abs().mean()])
+
+        # Timed per phase, not per micro-batch, so that the GPU is synchronised twice a step, not twice a micro-batch.
+        with timer("train"), distributed.ddp_sync(learner.model, sync=False):
+            per_micro_batch = [backward_micro_batch(m) for m in range(micro_batches - 1)]
+        with timer("train_sync"):  # the last micro-batch's backward all-reduces the step's gradients
+            per_micro_batch.append(backward_micro_batch(micro_batches - 1))
+        with timer("optimizer"):
+            grad_norm, scale = learner.step(train.max_grad_norm)
+        totals = distributed.all_reduce_mean(torch.stack(per_micro_batch)[:, :4].mean(dim=0))
+        skipped = not math.isfinite(grad_norm)
+        stats.append({"step": learner.optimizer_steps, "loss": totals[0].item(), "policy_loss": totals[1].item(),
+                      "kl": totals[2].item(), "clipfrac": totals[3].item(), "grad_norm": None if skipped else grad_norm,
+                      "lr": learner.optimizer.param_groups[0]["lr"],
+                      **({"grad_scale": scale, "skipped": skipped} if learner.scaler.is_enabled() else {}),
+                      **({"ratio_dev_first_micro_batch": per_micro_batch[0][4].item()} if k == 0 else {}),
+                      "wall_time": time.time()})
+    bar.close()
+    return stats
+
+
+def micro_batch_loss(learner: Learner, x: torch.Tensor, v_ref: torch.Tensor, items: torch.Tensor,
+                     samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig):
+    """The surrogate loss of a micro-batch of items, v_θ computed exactly as during sampling."""
+    T = len(samples.sigmas) - 1
+    sample, t = torch.div(items, T, rounding_mode="floor"), items % T
+    cond = signal.cond.take(torch.div(sample, 2, rounding_mode="floor"))
+    v_theta = predict_velocity(learner.model, x, samples.sigmas[t], cond, samples.guidance_scale)
+    v_base = None
+    if train.kl_weight > 0:
+        with torch.no_grad(), learner.lora.disable_adapter():
+            v_base = predict_velocity(learner.model, x, samples.sigmas[t], cond, samples.guidance_scale)
+    return surrogate_loss(v_theta, v_ref, signal.d[sample], signal.dR[sample], train.clip_range, train.kl_weight, v_base)
+
+
+def epoch_record(epoch: int, samples: RankSamples, timer: PhaseTimer, total_pairs: int) -> dict[str, float]:
+    """The epoch's log record: rewards of all ranks (mean and spread, per term too), time and memory per phase."""
+    seconds = timer.elapsed()
+    rewards = distributed.all_gather_tensor(samples.rewards)
+    terms = {k: distributed.all_gather_tensor(v) for k, v in samples.terms.items()}
+    return {"kind": "epoch", "epoch": epoch, "reward_evaluations": 2 * total_pairs * (epoch + 1),
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            **{f"reward_{k}": v.mean().item() for k, v in terms.items()},
+            **{f"reward_{k}_std": v.std().item() for k, v in terms.items()},
+            **{f"time_{k}": v for k, v in timer.seconds.items()}, "time_epoch": seconds,
+            "pairs_per_s": total_pairs / seconds, **{f"peak_vram_gib_{k}": v for k, v in timer.peak_gib.items()}}
