@@ -4,7 +4,8 @@ checking and loading one to resume.
 A checkpoint folder `epoch-<7 digits>/` holds `adapter_config.json` and `adapter_model.safetensors` (PEFT's
 format, as the published checkpoints), `training_state.pt` (tensors and numbers only: it loads with
 `weights_only=True`, so a checkpoint from elsewhere cannot run code), `settings.json` (the run's
-resolved settings, the defaults of a resume) and, with `--ema-decay`, `ema/` (the averaged LoRA, same format).
+resolved settings, the defaults of a resume), with `--ema-decay` `ema/` (the averaged LoRA, same format) and
+with `--method diffusion_nft` `old_policy/` (its lagged LoRA, same format).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fdfo.ema import EMA_FOLDER, save_ema
+from fdfo.ema import EMA_FOLDER, OLD_POLICY_FOLDER, save_lora_copy
 from fdfo.errors import UserError
 from fdfo.lora import ADAPTER_FILES, save_lora
 
@@ -49,6 +50,7 @@ class TrainingState:
     optimizer: dict[str, Any]  # AdamW's state_dict
     grad_scaler: dict[str, Any]  # the fp16 recipe's GradScaler state_dict; empty without it
     ema_steps: int = 0  # updates of the EMA of the LoRA weights (in the checkpoint's ema/ folder); 0 without one
+    forward_passes: int = 0  # samples through the transformer on all ranks so far (the methods' cost axis)
 
 
 def checkpoint_dir(run_dir: Path, epochs_done: int) -> Path:
@@ -61,7 +63,7 @@ def run_checkpoints(run_dir: Path, required: str = STATE_FILE) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settings: dict[str, Any],
-                    ema: EMAModel | None = None) -> Path:
+                    ema: EMAModel | None = None, old_policy: list[torch.Tensor] | None = None) -> Path:
     """Write `epoch-<7 digits>/` through a temporary folder and a rename: a crash never leaves a half checkpoint."""
     final = checkpoint_dir(run_dir, state.epochs_done)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,9 @@ def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settin
     shutil.rmtree(tmp, ignore_errors=True)
     save_lora(lora, tmp)
     if ema is not None:
-        save_ema(ema, lora, tmp / EMA_FOLDER)
+        save_lora_copy(lora, ema.shadow_params, tmp / EMA_FOLDER)
+    if old_policy is not None:
+        save_lora_copy(lora, old_policy, tmp / OLD_POLICY_FOLDER)
     torch.save({"format": STATE_FORMAT, **dataclasses.asdict(state)}, tmp / STATE_FILE)
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     if final.exists():  # rewriting the same epoch (a re-run): swap, then drop the old one

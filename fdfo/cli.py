@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 import tyro
 
 from fdfo import distributed
-from fdfo.config import TINY_PRESET, TrainConfig, load_config_file, read_toml, with_overrides
+from fdfo.config import METHOD_PRESETS, TINY_PRESET, TrainConfig, load_config_file, read_toml, with_overrides
 from fdfo.errors import UserError
 from fdfo.resume import resumed_settings
 
@@ -21,14 +21,16 @@ T = TypeVar("T")
 
 
 def parse(cls: type[T], args: list[str] | None = None) -> T:
-    """Parse `args` (default: sys.argv) into `cls`. Layers, later ones winning: the paper's defaults;
-    for training with `--pretrained-model tiny`, configs/tiny.toml (a CPU-sized demo); when resuming, the
-    settings saved with the checkpoint; `--config FILE`; the flags."""
+    """Parse `args` (default: sys.argv) into `cls`. Layers, later ones winning: the paper's defaults; for
+    training with `--method flow_grpo` or `diffusion_nft`, that method's published recipe (configs/); with
+    `--pretrained-model tiny`, configs/tiny.toml (a CPU-sized demo); when resuming, the settings saved with
+    the checkpoint; `--config FILE`; the flags."""
     args = sys.argv[1:] if args is None else list(args)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     pre.add_argument("--pretrained-model", default=None)
     pre.add_argument("--resume-from", type=Path, default=None)
+    pre.add_argument("--method", default=None)
     known, _ = pre.parse_known_args(args)
     default = cls()
     user_file = read_toml(known.config) if known.config else {}
@@ -36,8 +38,11 @@ def parse(cls: type[T], args: list[str] | None = None) -> T:
     checkpoint, resumed = resumed_settings(resume_from) if cls is TrainConfig and resume_from else (None, {})
     model = (known.pretrained_model or user_file.get("pretrained_model") or resumed.get("pretrained_model")
              or getattr(default, "pretrained_model", None))
+    method = known.method or user_file.get("method") or resumed.get("method")
+    if cls is TrainConfig and method in METHOD_PRESETS:
+        default = dataclasses.replace(load_config_file(cls, METHOD_PRESETS[method], default), config=None)
     if cls is TrainConfig and model == "tiny":
-        default = dataclasses.replace(load_config_file(cls, TINY_PRESET), config=None)
+        default = dataclasses.replace(load_config_file(cls, TINY_PRESET, default), config=None)
     if resumed:
         default = with_overrides(default, resumed, f"{checkpoint}/settings.json")
     if known.config:

@@ -26,6 +26,9 @@ VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 TrainPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 EvalPrecision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
+Method = Literal["fdfo", "flow_grpo", "diffusion_nft"]
+METHOD_PRESETS = {"flow_grpo": PROJECT_ROOT / "configs" / "flow_grpo.toml",  # the method's published recipe,
+                  "diffusion_nft": PROJECT_ROOT / "configs" / "diffusion_nft.toml"}  # applied first
 
 
 class ConfigError(UserError, ValueError):
@@ -61,11 +64,38 @@ class TrainPhaseConfig:
 
 
 @dataclass(frozen=True)
+class FlowGrpoConfig:
+    """Flow-GRPO's own settings (--method flow_grpo; published SD3.5-M recipe, fdfo/flow_grpo.py DEFAULTS)."""
+
+    group_size: int = 24  # images per prompt, whose rewards are normalised together
+    noise_level: float = 0.7  # a in the SDE's σ_t = a·sqrt(σ/(1 − σ))
+    clip_range: float = 1e-4  # ε of the clipped ratio
+    adv_clip_max: float = 5.0  # advantages clipped to ±this
+    kl_weight: float = 0.01  # β of the KL penalty to the LoRA-free model's transition mean
+    timestep_fraction: float = 0.99  # the first int(T·this) steps of every trajectory are trained on
+    global_std: bool = True  # advantages divided by the std of all rewards (True, the recipe) or of the group's
+
+
+@dataclass(frozen=True)
+class DiffusionNftConfig:
+    """DiffusionNFT's own settings (--method diffusion_nft; published SD3.5-M recipe, fdfo/diffusion_nft.py DEFAULTS)."""
+
+    group_size: int = 24  # images per prompt, whose rewards are normalised together
+    beta: float = 1.0  # β of the implicit policies v± around the old policy
+    kl_weight: float = 1e-4  # weight of mean((v_θ − v_base)²) against the LoRA-free model
+    adv_clip_max: float = 5.0  # Z: advantages clipped to ±Z, then r = 1/2 + A/(2Z)
+    timestep_fraction: float = 0.99  # int(T·this) of the T sampler noise levels, drawn per sample, are trained on
+    decay_type: Literal[0, 1, 2] = 1  # the old policy's schedule η(step): 1 = min(0.001·step, 0.5)
+    global_std: bool = True  # advantages divided by the std of all rewards (True, the recipe) or of the group's
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """FDFO training run: `python train.py` or `torchrun --nproc_per_node=N train.py`."""
 
     config: Path | None = None  # TOML file of settings (see configs/); flags given on the command line win
     pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder; `tiny` (offline CPU demo) or `sd35m-random` (real shapes, random weights)
+    method: Method = "fdfo"  # the RL method: fdfo (the paper's), flow_grpo or diffusion_nft (baselines, same harness; their recipes in configs/)
     reward_preset: RewardPreset = "combined"  # reward terms and weights
     reward: tuple[str, ...] = ()  # reward terms as NAME=WEIGHT (e.g. pickscore=1 hpsv2=0.5, or your own my_pkg.my_rewards:score=1); given, they replace --reward-preset
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM reward
@@ -91,11 +121,20 @@ class TrainConfig:
     dry_run: bool = False  # print the resolved configuration and stop before loading any model
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainPhaseConfig = field(default_factory=TrainPhaseConfig)
+    grpo: FlowGrpoConfig = field(default_factory=FlowGrpoConfig)
+    nft: DiffusionNftConfig = field(default_factory=DiffusionNftConfig)
+
+    @property
+    def items_per_sample(self) -> int:
+        """Training items (noise levels) per sampled image: every step for FDFO, a fraction for the baselines."""
+        fraction = {"fdfo": 1.0, "flow_grpo": self.grpo.timestep_fraction, "diffusion_nft": self.nft.timestep_fraction}
+        return int(self.sample.num_solver_steps * fraction[self.method])
 
     @property
     def default_run_name(self) -> str:
         reward = "+".join(term.partition("=")[0].replace(":", ".") for term in self.reward) or self.reward_preset
-        return f"{reward}-cfg_{str(float(self.sample.guidance_scale)).replace('.', 'p')}"
+        method = "" if self.method == "fdfo" else f"{self.method}-"
+        return f"{method}{reward}-cfg_{str(float(self.sample.guidance_scale)).replace('.', 'p')}"
 
 
 @dataclass(frozen=True)
@@ -195,6 +234,13 @@ def check_train_config(cfg: TrainConfig) -> None:
     require(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"--ema-decay must be between 0 and 1 (e.g. 0.999); got "
                                                             f"{cfg.ema_decay}.")
     reward_terms(cfg.reward_preset, cfg.reward)  # unknown names, bad weights and failing imports, before any model loads
+    for flag, value in [("--grpo.group-size", cfg.grpo.group_size), ("--nft.group-size", cfg.nft.group_size)]:
+        require(value >= 2, f"{flag} must be at least 2 (advantages compare the images of a prompt); got {value}.")
+    for flag, value in [("--grpo.timestep-fraction", cfg.grpo.timestep_fraction),
+                        ("--nft.timestep-fraction", cfg.nft.timestep_fraction)]:
+        require(0 < value <= 1 and int(value * sample.num_solver_steps) >= 1,
+                f"{flag} must be in (0, 1] and keep at least one of the {sample.num_solver_steps} steps; got {value}.")
+    require(cfg.grpo.noise_level > 0, f"--grpo.noise-level must be more than 0; got {cfg.grpo.noise_level}.")
     require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
 
 

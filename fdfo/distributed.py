@@ -102,10 +102,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over the ranks."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over the ranks."""
     if not dist.is_initialized():
         return x
     x = x.clone()
     dist.all_reduce(x)
-    return x / world_size()
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the ranks."""
+    return all_reduce_sum(x) / world_size()

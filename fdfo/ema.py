@@ -1,12 +1,15 @@
-"""An exponential moving average of the LoRA weights (optional: the paper has none), kept by diffusers' EMAModel.
+"""Averages of the LoRA weights kept beside it: the optional EMA (diffusers' EMAModel; the paper has none) and
+DiffusionNFT's lagged old policy, each saved in a checkpoint as a second LoRA in PEFT's format.
 
-A checkpoint keeps it as a second LoRA in PEFT's format, `<checkpoint>/ema/`, so that everything that loads a
-LoRA (generate.py, metrics.py, the export) loads it too, and a resume restores it exactly (float32 weights).
+In a checkpoint, `<checkpoint>/ema/` (and `old_policy/`) load wherever a LoRA loads (generate.py, metrics.py,
+the export), and a resume restores them exactly (float32 weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -16,6 +19,7 @@ from fdfo.errors import UserError
 from fdfo.lora import load_lora, save_lora
 
 EMA_FOLDER = "ema"
+OLD_POLICY_FOLDER = "old_policy"
 
 
 class EmaMissingError(UserError, FileNotFoundError):
@@ -26,31 +30,45 @@ def trainable(lora: PeftModel) -> list[torch.nn.Parameter]:
     return [p for p in lora.parameters() if p.requires_grad]
 
 
+@contextlib.contextmanager
+def swapped_in(lora: PeftModel, weights: list[torch.Tensor]) -> Iterator[None]:
+    """The LoRA runs with `weights` (one per trainable parameter) inside the block, with its own after it."""
+    params = trainable(lora)
+    current = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, c in zip(params, current):
+                p.copy_(c)
+
+
+def save_lora_copy(lora: PeftModel, weights: list[torch.Tensor], folder: Path) -> None:
+    """`weights` (one per trainable LoRA parameter) as a PEFT LoRA folder."""
+    with swapped_in(lora, weights):
+        save_lora(lora, folder)
+
+
+def load_lora_copy(lora: PeftModel, folder: Path) -> list[torch.Tensor]:
+    """The weights of the LoRA folder `folder`, one per trainable parameter; the LoRA itself is left as it was."""
+    with swapped_in(lora, trainable(lora)):
+        load_lora(lora, folder)
+        return [p.detach().clone() for p in trainable(lora)]
+
+
 def start_ema(lora: PeftModel, decay: float) -> EMAModel:
     """An average that starts at the LoRA's current weights; decay min(decay, (1 + n)/(10 + n)) at step n."""
     return EMAModel(trainable(lora), decay=decay, foreach=True)
 
 
-def save_ema(ema: EMAModel, lora: PeftModel, folder: Path) -> None:
-    """The averaged weights as a PEFT LoRA folder: swapped into the LoRA for the save, then swapped back."""
-    params = trainable(lora)
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        save_lora(lora, folder)
-    finally:
-        ema.restore(params)
-
-
 def load_ema(lora: PeftModel, checkpoint: Path, decay: float, steps: int) -> EMAModel:
-    """The average saved in `checkpoint` after `steps` updates; the LoRA's own weights are left as they were."""
-    params = trainable(lora)
-    current = [p.detach().clone() for p in params]
-    load_lora(lora, ema_folder(checkpoint))
+    """The average saved in `checkpoint` after `steps` updates."""
     ema = start_ema(lora, decay)
+    ema.shadow_params = load_lora_copy(lora, ema_folder(checkpoint))
     ema.optimization_step = steps
-    for p, value in zip(params, current):
-        p.data.copy_(value)
     return ema
 
 

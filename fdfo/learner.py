@@ -17,7 +17,7 @@ from fdfo import distributed
 from fdfo.checkpoint import TrainingState, save_checkpoint
 from fdfo.compile import compile_blocks, should_compile
 from fdfo.config import TrainConfig, TrainPhaseConfig
-from fdfo.ema import load_ema, start_ema, trainable
+from fdfo.ema import OLD_POLICY_FOLDER, load_ema, load_lora_copy, start_ema, trainable
 from fdfo.lora import attach_lora, load_lora
 from fdfo.models import load_pipeline, training_dtypes
 from fdfo.offload import Parking
@@ -36,15 +36,19 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling of the fp16 recipe; disabled otherwise
     ema: EMAModel | None  # with --ema-decay
+    old_policy: list[torch.Tensor] | None  # DiffusionNFT's lagged LoRA weights, which sample (--method diffusion_nft)
     compute_dtype: torch.dtype  # of sampling and training alike
+    max_grad_norm: float  # the gradient is clipped to this norm before every step
     epochs_done: int = 0
     optimizer_steps: int = 0
+    forward_rows: int = 0  # samples through the transformer on this rank in this process (sampling, training…)
+    forward_rows_before: int = 0  # on all ranks before this process: from the checkpoint
 
-    def step(self, max_grad_norm: float) -> tuple[float, float]:
+    def step(self) -> tuple[float, float]:
         """Clip the accumulated gradient and take an optimiser step (skipped by the scaler if a gradient is not
         finite: an fp16 overflow); update the EMA. Returns (gradient norm, not finite when skipped; loss scale)."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(self.lora), max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(self.lora), self.max_grad_norm).item()
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()  # the scale halves after a skipped step
@@ -54,12 +58,23 @@ class Learner:
         self.optimizer_steps += 1
         return grad_norm, scale
 
+    def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice)."""
+        self.forward_rows += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+
+    def forward_passes(self) -> int:
+        """Samples through the transformer on all ranks since the run began (a collective: every rank calls it)."""
+        rows = torch.tensor([self.forward_rows], dtype=torch.int64, device=self.pipe.device)
+        return self.forward_rows_before + int(distributed.all_reduce_sum(rows).item())
+
     def save(self, run_dir: Path, total_pairs: int, settings: dict[str, Any]) -> None:
         """A checkpoint of the epochs done so far (rank 0 writes it; every rank waits for it)."""
+        forward_passes = self.forward_passes()
         if distributed.is_main():
             state = TrainingState(self.epochs_done, self.optimizer_steps, total_pairs, self.optimizer.state_dict(),
-                                  self.scaler.state_dict(), self.ema.optimization_step if self.ema else 0)
-            print(f"Saved {save_checkpoint(run_dir, self.lora, state, settings, self.ema)}", flush=True)
+                                  self.scaler.state_dict(), self.ema.optimization_step if self.ema else 0,
+                                  forward_passes)
+            print(f"Saved {save_checkpoint(run_dir, self.lora, state, settings, self.ema, self.old_policy)}", flush=True)
         distributed.barrier()
 
 
@@ -80,11 +95,14 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None) -> Lea
     optimizer = torch.optim.AdamW(trainable(lora), **optimizer_settings(cfg.train))
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     ema = start_ema(lora, cfg.ema_decay) if cfg.ema_decay else None
+    old_policy = [p.detach().clone() for p in trainable(lora)] if cfg.method == "diffusion_nft" else None
     # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
     # would put a collective in each micro-batch and lock the ranks into step.
     model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
              else pipe.transformer)
-    learner = Learner(pipe, lora, model, reward, text_encoders, reward_models, optimizer, scaler, ema, compute_dtype)
+    learner = Learner(pipe, lora, model, reward, text_encoders, reward_models, optimizer, scaler, ema, old_policy,
+                      compute_dtype, cfg.train.max_grad_norm)
+    pipe.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
     if resume is not None:
         restore(learner, resume, cfg)
     return learner
@@ -95,6 +113,8 @@ def restore(learner: Learner, resume: Resume, cfg: TrainConfig) -> None:
     state = resume.state
     if learner.ema is not None and state.ema_steps:
         learner.ema = load_ema(learner.lora, resume.checkpoint, cfg.ema_decay, state.ema_steps)
+    if learner.old_policy is not None:
+        learner.old_policy = load_lora_copy(learner.lora, resume.checkpoint / OLD_POLICY_FOLDER)
     load_lora(learner.lora, resume.checkpoint)
     if learner.ema is not None and not state.ema_steps:  # an EMA asked for on resuming a run without one starts here
         learner.ema = start_ema(learner.lora, cfg.ema_decay)
@@ -104,6 +124,7 @@ def restore(learner: Learner, resume: Resume, cfg: TrainConfig) -> None:
     if state.grad_scaler and learner.scaler.is_enabled():
         learner.scaler.load_state_dict(state.grad_scaler)
     learner.epochs_done, learner.optimizer_steps = state.epochs_done, state.optimizer_steps
+    learner.forward_rows_before = state.forward_passes
 
 
 def optimizer_settings(train: TrainPhaseConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ FIXED = {
     "lora_rank": "the LoRA's shape cannot change",
     "lora_alpha": "the LoRA's scale is part of its weights",
     "seed": "the prompts and the noise of every epoch derive from it",
+    "method": "the optimiser's state (and DiffusionNFT's old policy) belong to the method that trained",
 }
 # Settings that are not the training's own: a resume takes them from the command line, and does not record them.
 NOT_RECORDED = ("config", "resume_from", "dry_run", "runs_dir", "run_name", "num_epochs", "log_wandb")

@@ -143,9 +143,10 @@ class RunLog:
         # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
         norms = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
         skipped = sum(s.get("skipped", False) for s in steps)
+        clipfrac = sum(s.get("clipfrac", 0) for s in steps) / len(steps)  # the baseline DiffusionNFT clips nothing
         distributed.print0(f"epoch {record['epoch']}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, "
-                           f"clipfrac {sum(s['clipfrac'] for s in steps) / len(steps):.3f}, "
-                           f"grad norm {sum(norms) / len(norms) if norms else float('nan'):.3g}, "
+                           + (f"clipfrac {clipfrac:.3f}, " if "clipfrac" in steps[0] else "")
+                           + f"grad norm {sum(norms) / len(norms) if norms else float('nan'):.3g}, "
                            + (f"{skipped} of {len(steps)} steps skipped (fp16 overflow), " if skipped else "")
                            + f"{record['pairs_per_s']:.2f} pairs/s")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+from fdfo.flow_grpo import sde_step, step_log_prob
 from fdfo.sd3 import PromptEmbeds, decode_latents, latent_shape, predict_velocity
 
 
@@ -91,3 +92,39 @@ def sample_pairs(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators:
         inputs=torch.stack(inputs, dim=1), velocities=torch.stack(velocities, dim=1), sigmas=sigmas,
         final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype),
     )
+
+
+@dataclass
+class Rollouts:
+    """Single trajectories of the baselines (Flow-GRPO's SDE, DiffusionNFT's ODE), one row per image."""
+
+    inputs: torch.Tensor  # x_i fed to the model at step i: (B, T, C, h, w)
+    log_probs: torch.Tensor | None  # log-density of each SDE step as sampled: (B, T); None for the ODE
+    sigmas: torch.Tensor  # (T + 1,)
+    final_latents: torch.Tensor  # (B, C, h, w)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
+                    num_steps: int, noise_level: float, guidance_scale: float = 1.0,
+                    resolution: int | None = None) -> Rollouts:
+    """One trajectory per row of `cond`, each from its own generator: Flow-GRPO's marginal-preserving SDE with
+    `noise_level` a > 0 (with the log-density of every step), or the Euler ODE with a = 0."""
+    device = cond.embeds.device
+    shape = latent_shape(pipe, resolution)
+    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    inputs, log_probs = [], []
+    for i in range(num_steps):
+        v = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale)
+        inputs.append(x)
+        if noise_level == 0:
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            continue
+        noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+        step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise, sigma_max=sigmas[1].item())
+        log_probs.append(step_log_prob(step.next, step.mean, step.std))
+        x = step.next
+    return Rollouts(inputs=torch.stack(inputs, dim=1), log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
+                    sigmas=sigmas, final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PAIR_NOISE, ITEM_SHUFFLE = 0, 1  # streams
+PAIR_NOISE, ITEM_SHUFFLE, IMAGE_NOISE, TRAINING_NOISE = 0, 1, 2, 3  # streams
 
 
 def derived_seed(*key: int) -> int:
@@ -21,3 +21,10 @@ def item_permutation(seed: int, epoch: int, num_items: int) -> torch.Tensor:
     """The epoch's shuffle of all (sample, timestep) items of all ranks, identical on every rank."""
     generator = torch.Generator().manual_seed(derived_seed(seed, ITEM_SHUFFLE, epoch))
     return torch.randperm(num_items, generator=generator)
+
+
+def image_generator(seed: int, epoch: int, image: int, device: torch.device, stream: int = IMAGE_NOISE
+                    ) -> torch.Generator:
+    """The generator of global image `image` in `epoch` (the baselines' single trajectories): its noise in
+    sampling (IMAGE_NOISE), or what training draws for it (TRAINING_NOISE: DiffusionNFT's noise levels and noise)."""
+    return torch.Generator(device).manual_seed(derived_seed(seed, stream, epoch, image))

@@ -3,8 +3,6 @@ report → save."""
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,12 +10,13 @@ import torch
 from tqdm import tqdm
 
 from fdfo import distributed
+from fdfo.baselines import BASELINES, Scored, check_groups
 from fdfo.batching import BatchPlan, plan_batches
 from fdfo.before_after import BEFORE_AFTER, write_before_after
 from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig, check_train_config, to_jsonable
 from fdfo.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
-from fdfo.exchange import fetch_items, rank_slice, step_items
 from fdfo.learner import Learner, set_up
+from fdfo.optimise import TrainingItems, optimise_epoch
 from fdfo.plots import REWARD_CURVE
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.resume import plan_resume
@@ -60,8 +59,9 @@ def train(cfg: TrainConfig) -> Path:
     check_train_config(cfg)
     device = distributed.init()
     plan = plan_batches(cfg.total_pairs_per_epoch, distributed.world_size(), cfg.gradient_steps_per_epoch,
-                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size, cfg.sample.num_solver_steps,
+                        cfg.max_batch_size, cfg.sample.batch_size, cfg.train.batch_size, cfg.items_per_sample,
                         cfg.train.micro_batch)
+    check_groups(cfg, plan)
     stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
     settings = to_jsonable(cfg)
     resume = plan_resume(cfg.resume_from, settings, plan.total_pairs) if cfg.resume_from else None
@@ -80,19 +80,23 @@ def train(cfg: TrainConfig) -> Path:
         for epoch in range(learner.epochs_done, cfg.num_epochs):
             timer = PhaseTimer(device)
 
-            # Sample pairs and score them (paper §2, §6).
-            samples = sample_and_score(learner, stream, cfg.sample, plan, epoch, timer)
+            if cfg.method == "fdfo":
+                # Sample pairs and score them (paper §2, §6).
+                samples = sample_and_score(learner, stream, cfg.sample, plan, epoch, timer)
 
-            # Turn rewards into finite-difference targets and share them with every rank (§3).
-            with timer("share"):
-                signal = share_signal(samples, item_permutation(cfg.seed, epoch, plan.world_size * len(samples.inputs)))
+                # Turn rewards into finite-difference targets and share them with every rank (§3).
+                with timer("share"):
+                    order = item_permutation(cfg.seed, epoch, plan.world_size * len(samples.inputs))
+                    items = fdfo_items(learner, samples, share_signal(samples, order), cfg.train)
+            else:  # a baseline's rollouts, rewards and training items (fdfo/baselines.py)
+                samples, items = BASELINES[cfg.method](learner, stream, cfg, plan, epoch, timer)
 
             # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
-            steps = optimise_epoch(learner, samples, signal, cfg.train, plan, timer)
+            steps = optimise_epoch(learner, items, plan, timer)
             learner.epochs_done = epoch + 1
 
             # Report.
-            record = epoch_record(epoch, samples, timer, plan.total_pairs)
+            record = epoch_record(epoch, samples, timer, plan.total_pairs, learner.forward_passes())
             log.write_epoch(record, [{"kind": "step", "epoch": epoch, **s} for s in steps],
                             (samples.first_images, samples.rewards[:2].tolist(), samples.prompts[0]))
             epochs_run += 1
@@ -161,54 +165,14 @@ def share_signal(samples: RankSamples, order: torch.Tensor) -> SharedSignal:
                         cond=samples.cond.gather(), order=order)
 
 
-def optimise_epoch(learner: Learner, samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig,
-                   plan: BatchPlan, timer: PhaseTimer) -> list[dict[str, float]]:
-    """`gradient_steps_per_epoch` optimiser steps; step k trains on slice k of the epoch's global item shuffle.
-
-    Timed phases: "exchange" (items fetched from their ranks), "train" (micro-batches without gradient
-    sync), "train_sync" (each step's last micro-batch, whose backward all-reduces the gradients), "optimizer".
-    """
-    micro_batches = plan.micro_batches_per_step
-    learner.lora.train()
-    stats = []
-    bar = tqdm(total=plan.gradient_steps_per_epoch * micro_batches, desc="training", disable=not distributed.is_main(),
-               leave=False)
-    for k in range(plan.gradient_steps_per_epoch):
-        items = step_items(signal.order, k, plan.gradient_steps_per_epoch)
-        mine = rank_slice(items, distributed.rank(), plan.world_size).to(samples.inputs.device)
-        with timer("exchange"):
-            x, v_ref = fetch_items([samples.inputs, samples.velocities], items, len(samples.inputs))
-
-        def backward_micro_batch(m: int) -> torch.Tensor:
-            """Accumulate micro-batch m's gradient; returns its loss, policy loss, kl, clipfrac and mean |ρ − 1|."""
-            rows = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
-            terms = micro_batch_loss(learner, x[rows], v_ref[rows], mine[rows], samples, signal, train)
-            learner.scaler.scale(terms.loss / micro_batches).backward()
-            bar.update()
-            return torch.stack([terms.loss.detach(), terms.policy_loss, terms.kl, terms.clipfrac,
-                                (terms.ratio - 1).abs().mean()])
-
-        # Timed per phase, not per micro-batch, so that the GPU is synchronised twice a step, not twice a micro-batch.
-        with timer("train"), distributed.ddp_sync(learner.model, sync=False):
-            per_micro_batch = [backward_micro_batch(m) for m in range(micro_batches - 1)]
-        with timer("train_sync"):  # the last micro-batch's backward all-reduces the step's gradients
-            per_micro_batch.append(backward_micro_batch(micro_batches - 1))
-        with timer("optimizer"):
-            grad_norm, scale = learner.step(train.max_grad_norm)
-        totals = distributed.all_reduce_mean(torch.stack(per_micro_batch)[:, :4].mean(dim=0))
-        skipped = not math.isfinite(grad_norm)
-        stats.append({"step": learner.optimizer_steps, "loss": totals[0].item(), "policy_loss": totals[1].item(),
-                      "kl": totals[2].item(), "clipfrac": totals[3].item(), "grad_norm": None if skipped else grad_norm,
-                      "lr": learner.optimizer.param_groups[0]["lr"],
-                      **({"grad_scale": scale, "skipped": skipped} if learner.scaler.is_enabled() else {}),
-                      **({"ratio_dev_first_micro_batch": per_micro_batch[0][4].item()} if k == 0 else {}),
-                      "wall_time": time.time()})
-    bar.close()
-    return stats
+def fdfo_items(learner: Learner, samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig) -> TrainingItems:
+    """Every (sample, timestep) item with its input x_t and sampled velocity v_ref, and §4's surrogate loss."""
+    return TrainingItems(local=[samples.inputs, samples.velocities], order=signal.order,
+                         loss=lambda rows, items: micro_batch_loss(learner, *rows, items, samples, signal, train))
 
 
 def micro_batch_loss(learner: Learner, x: torch.Tensor, v_ref: torch.Tensor, items: torch.Tensor,
-                     samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig):
+                     samples: RankSamples, signal: SharedSignal, train: TrainPhaseConfig) -> dict[str, torch.Tensor]:
     """The surrogate loss of a micro-batch of items, v_θ computed exactly as during sampling."""
     T = len(samples.sigmas) - 1
     sample, t = torch.div(items, T, rounding_mode="floor"), items % T
@@ -218,15 +182,19 @@ def micro_batch_loss(learner: Learner, x: torch.Tensor, v_ref: torch.Tensor, ite
     if train.kl_weight > 0:
         with torch.no_grad(), learner.lora.disable_adapter():
             v_base = predict_velocity(learner.model, x, samples.sigmas[t], cond, samples.guidance_scale)
-    return surrogate_loss(v_theta, v_ref, signal.d[sample], signal.dR[sample], train.clip_range, train.kl_weight, v_base)
+    terms = surrogate_loss(v_theta, v_ref, signal.d[sample], signal.dR[sample], train.clip_range, train.kl_weight, v_base)
+    return {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl, "clipfrac": terms.clipfrac,
+            "ratio_dev": (terms.ratio - 1).abs().mean()}
 
 
-def epoch_record(epoch: int, samples: RankSamples, timer: PhaseTimer, total_pairs: int) -> dict[str, float]:
-    """The epoch's log record: rewards of all ranks (mean and spread, per term too), time and memory per phase."""
+def epoch_record(epoch: int, samples: RankSamples | Scored, timer: PhaseTimer, total_pairs: int, forward_passes: int) -> dict:
+    """The epoch's log record: rewards of all ranks (mean and spread, per term too), the cost so far (reward
+    evaluations and samples through the transformer), time and memory per phase."""
     seconds = timer.elapsed()
     rewards = distributed.all_gather_tensor(samples.rewards)
     terms = {k: distributed.all_gather_tensor(v) for k, v in samples.terms.items()}
     return {"kind": "epoch", "epoch": epoch, "reward_evaluations": 2 * total_pairs * (epoch + 1),
+            "transformer_forwards": forward_passes,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             **{f"reward_{k}": v.mean().item() for k, v in terms.items()},
             **{f"reward_{k}_std": v.std().item() for k, v in terms.items()},

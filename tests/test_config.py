@@ -89,3 +89,18 @@ def test_resolved_config_is_json():
     cfg = parse(TrainConfig, ["--config", str(CONFIGS / "combined_cfg.toml")])
     data = json.loads(json.dumps(to_jsonable(cfg)))
     assert data["sample"]["guidance_scale"] == 4.5 and data["config"].endswith("combined_cfg.toml")
+
+
+def test_a_method_brings_its_published_recipe_and_flags_still_win(tmp_path):
+    grpo = parse(TrainConfig, ["--method", "flow_grpo"])
+    assert (grpo.total_pairs_per_epoch, grpo.gradient_steps_per_epoch, grpo.sample.num_solver_steps,
+            grpo.sample.guidance_scale, grpo.train.learning_rate) == (576, 2, 10, 4.5, 3e-4)
+    assert (grpo.grpo.group_size, grpo.grpo.clip_range, grpo.grpo.kl_weight, grpo.items_per_sample) == (24, 1e-4, 0.01, 9)
+    assert grpo.default_run_name == "flow_grpo-combined-cfg_4p5"
+    nft = parse(TrainConfig, ["--method", "diffusion_nft", "--train.learning-rate", "1e-4"])
+    assert (nft.gradient_steps_per_epoch, nft.sample.guidance_scale, nft.train.learning_rate) == (1, 1.0, 1e-4)
+    (tmp_path / "nft.toml").write_text('method = "diffusion_nft"\n')  # from a config file too
+    assert parse(TrainConfig, ["--config", str(tmp_path / "nft.toml")]).sample.num_solver_steps == 10
+    fdfo = parse(TrainConfig, [])
+    assert (fdfo.method, fdfo.total_pairs_per_epoch, fdfo.sample.num_solver_steps, fdfo.items_per_sample) == (
+        "fdfo", 432, 40, 40)

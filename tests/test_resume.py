@@ -111,7 +111,7 @@ def test_a_training_state_that_could_run_code_is_refused(three_epochs, tmp_path)
     run_dir = copy_run(three_epochs, tmp_path)
     state = run_dir / "checkpoints" / "epoch-0000003" / "training_state.pt"
     assert set(torch.load(state, weights_only=True)) == {"format", "epochs_done", "optimizer_steps", "total_pairs",
-                                                         "optimizer", "grad_scaler", "ema_steps"}  # tensors and numbers only
+                                                         "optimizer", "grad_scaler", "ema_steps", "forward_passes"}  # tensors and numbers only
     torch.save({"format": 2, "callback": os.system}, state)  # a pickle that names a function
     with pytest.raises(CheckpointError, match="holds Python objects besides tensors and numbers.*refused"):
         load_state(state.parent)

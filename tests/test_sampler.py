@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from fdfo.sampler import branch_noise, churn_schedule, churned_euler_step, perturb_initial, sample_pairs
-from fdfo.sd3 import encode_prompts
+from fdfo.flow_grpo import sde_step, step_log_prob
+from fdfo.sampler import (branch_noise, churn_schedule, churned_euler_step, perturb_initial, sample_pairs,
+                          sample_rollouts)
+from fdfo.sd3 import encode_prompts, predict_velocity
 
 PROMPTS = ["a red cube on a wooden table", "an astronaut riding a horse"]
 
@@ -96,3 +98,20 @@ def test_one_generator_per_pair_is_required(tiny_pipe):
     cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
     with pytest.raises(ValueError, match="one generator per pair"):
         sample_pairs(tiny_pipe, cond, generators([1]), num_steps=2)
+
+
+def test_rollouts_are_the_ode_at_noise_0_and_keep_the_sde_steps_log_density(tiny_pipe):
+    cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
+    pairs = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4, churn_weight=0.0)
+    ode = sample_rollouts(tiny_pipe, cond, generators([1, 2]), num_steps=4, noise_level=0.0)
+    assert ode.log_probs is None
+    torch.testing.assert_close(ode.final_latents, pairs.final_latents[::2], rtol=0, atol=1e-6)  # branch a of each pair
+    sde = sample_rollouts(tiny_pipe, cond, generators([1, 2]), num_steps=4, noise_level=0.7)
+    assert sde.log_probs.shape == (2, 4) and torch.equal(sde.inputs[:, 0], ode.inputs[:, 0])  # same starting noise
+    # Step 1's log-density, recomputed from what the rollout kept: x_1, the velocity there, x_2.
+    sigmas = sde.sigmas
+    v = predict_velocity(tiny_pipe.transformer, sde.inputs[:, 1], sigmas[1], cond, 1.0)
+    step = sde_step(sde.inputs[:, 1], v, sigmas[1], sigmas[2], 0.7, torch.zeros_like(v), sigma_max=sigmas[1].item())
+    torch.testing.assert_close(step_log_prob(sde.inputs[:, 2], step.mean, step.std), sde.log_probs[:, 1],
+                               rtol=0, atol=1e-5)
+    assert (sde.final_latents - ode.final_latents).abs().mean() > 0.05  # the SDE's noise changes the images

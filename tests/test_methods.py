@@ -1,0 +1,87 @@
+"""FDFO, Flow-GRPO and DiffusionNFT in one harness: the same command line but for --method, the same cost axis."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdfo.cli import parse_train_config
+from fdfo.config import ConfigError
+from fdfo.runlog import read_log
+from fdfo.train_run import train
+from tests.conftest import ROOT, torchrun
+
+# 8 pairs = 16 images in groups of 4 (4 prompts), 4 steps at 32 px, no CFG, a moderate learning rate.
+SMALL = ["--pretrained-model", "tiny", "--total-pairs-per-epoch", "8", "--sample.num-solver-steps", "4",
+         "--sample.resolution", "32", "--sample.guidance-scale", "1.0", "--grpo.group-size", "4",
+         "--nft.group-size", "4", "--grpo.timestep-fraction", "0.75", "--nft.timestep-fraction", "0.75",
+         "--train.learning-rate", "1e-3"]
+# Samples through the transformer per epoch, by hand: 16 images × 4 sampling steps, then per trained item
+# (3 of the 4 levels for the baselines) the policy and, with a KL weight, the LoRA-free reference; DiffusionNFT
+# also evaluates its old policy once per item.
+FORWARDS_PER_EPOCH = {"fdfo": 16 * 4 + 16 * 4, "flow_grpo": 16 * 4 + 16 * 3 * 2, "diffusion_nft": 16 * 4 + 16 * 3 * 3}
+
+
+def epochs(run_dir):
+    return [r for r in read_log(run_dir) if r["kind"] == "epoch"]
+
+
+def weights(run_dir, epoch, folder=""):
+    return load_file(Path(run_dir) / "checkpoints" / f"epoch-{epoch:07d}" / folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["fdfo", "flow_grpo", "diffusion_nft"])
+def test_each_method_trains_from_the_same_command_line(method, tmp_path):
+    run_dir = train(parse_train_config([*SMALL, "--method", method, "--num-epochs", "2", "--runs-dir", str(tmp_path)]))
+    records = epochs(run_dir)
+    assert [r["reward_evaluations"] for r in records] == [16, 32]  # the same budget axis for every method
+    assert [r["transformer_forwards"] for r in records] == [FORWARDS_PER_EPOCH[method] * n for n in (1, 2)]
+    b = [w for k, w in weights(run_dir, 2).items() if "lora_B" in k]
+    assert max(w.abs().max().item() for w in b) > 1e-5  # the LoRA moved away from its zero-effect start
+    steps = [r for r in read_log(run_dir) if r["kind"] == "step"]
+    if method != "diffusion_nft":  # training re-evaluates the sampling policy first: ρ = 1 exactly
+        assert steps[0]["ratio_dev_first_micro_batch"] < 1e-6
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["method"] == method
+
+
+def test_diffusion_nft_resumes_exactly_with_its_old_policy(tmp_path):
+    nft = [*SMALL, "--method", "diffusion_nft", "--save-freq", "1"]
+    straight = train(parse_train_config([*nft, "--num-epochs", "3", "--runs-dir", str(tmp_path / "a")]))
+    first = train(parse_train_config([*nft, "--num-epochs", "2", "--runs-dir", str(tmp_path / "b")]))
+    resumed = train(parse_train_config([*nft, "--num-epochs", "3", "--runs-dir", str(tmp_path / "b"),
+                                        "--resume-from", str(first)]))
+    for folder in ("", "old_policy"):
+        expected = weights(straight, 3, folder)
+        assert all(torch.equal(weights(resumed, 3, folder)[k], v) for k, v in expected.items()), folder
+    old, new = weights(straight, 3, "old_policy"), weights(straight, 3)
+    assert any(not torch.equal(old[k], new[k]) for k in new)  # the old policy lags the LoRA
+    assert [r["transformer_forwards"] for r in epochs(resumed)] == [r["transformer_forwards"] for r in epochs(straight)]
+
+
+@pytest.mark.parametrize("method", ["flow_grpo", "diffusion_nft"])
+def test_baselines_give_the_same_result_on_1_and_2_ranks(method, tmp_path):
+    """Images, groups, advantages and the item shuffle are global, as FDFO's pairs: the rank count changes only
+    the order of float sums. Compared on the LoRA's B matrices (zero at the start, so B is the whole update):
+    Adam turns rounding in near-zero gradient entries into steps of ±lr, so single entries can differ by more
+    than the norm of the difference says. Measured: relative gap 2.9e-5 (Flow-GRPO) and 6.7e-6 (DiffusionNFT)
+    with 2 threads and with 1, 3.2e-5 and 1.1e-4 with ATEN_CPU_CAPABILITY=avx2; the bar is 9× the largest."""
+    flags = [*SMALL, "--method", method, "--num-epochs", "2", "--gradient-steps-per-epoch", "2"]
+    runs = {}
+    for n in (1, 2):
+        torchrun(n, ROOT / "train.py", *flags, "--runs-dir", str(tmp_path / str(n)))
+        (runs[n],) = (tmp_path / str(n)).iterdir()
+    assert epochs(runs[1])[0]["reward_mean"] == pytest.approx(epochs(runs[2])[0]["reward_mean"], abs=1e-6)
+    one, two = (torch.cat([w.flatten() for k, w in sorted(weights(runs[n], 2).items()) if "lora_B" in k]) for n in (1, 2))
+    relative = ((one - two).norm() / one.norm()).item()
+    print(f"{method}: 1 vs 2 ranks, LoRA B relative gap {relative:.2e}, max |difference| "
+          f"{(one - two).abs().max():.2e} of max |B| {one.abs().max():.2e}")
+    assert relative < 1e-3
+
+
+def test_groups_must_fill_a_ranks_images(tmp_path):
+    with pytest.raises(ConfigError, match="--grpo.group-size 5 must divide the 16 images each rank samples"):
+        train(parse_train_config([*SMALL, "--method", "flow_grpo", "--grpo.group-size", "5", "--runs-dir",
+                                  str(tmp_path)]))
