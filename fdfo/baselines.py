@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from fdfo import distributed
 from fdfo.batching import BatchPlan
-from fdfo.config import ConfigError, FlowGrpoConfig, SampleConfig, TrainConfig
-from fdfo.diffusion_nft import forward_noise, lagged_update, nft_loss, old_policy_decay, optimality_weight
+from fdfo.config import ConfigError, DiffusionNftConfig, FlowGrpoConfig, SampleConfig, TrainConfig
+from fdfo.diffusion_nft import (forward_noise, lagged_update, nft_loss, old_policy_decay, optimality_weight,
+                                train_timestep_indices)
 from fdfo.ema import swapped_in, trainable
 from fdfo.flow_grpo import clipped_policy_loss, group_advantages, kl_penalty, sde_step, step_log_prob
 from fdfo.learner import Learner
@@ -103,7 +104,19 @@ def sample_groups(learner: Learner, stream: PromptStream, sample: SampleConfig, 
                   distributed.all_gather_tensor(local_group + first_group))
 
 
-def scored(groups: Groups) -> Scored:
+@dataclass
+class GroupSignal:
+    """What every rank needs of every image to train on any of its items: its prompt, the method's weight of it."""
+
+    cond: PromptEmbeds  # one row per group of every rank
+    group: torch.Tensor  # (images of all ranks,) each image's row of `cond`
+    weight: torch.Tensor  # (images of all ranks,) Flow-GRPO's advantage, or DiffusionNFT's optimality r
+    sigmas: torch.Tensor  # the sampler's noise levels, (T + 1,)
+    items_per_image: int  # K: item = image · K + k
+    final_latents: torch.Tensor | None = None  # (images of all ranks, C, h, w), DiffusionNFT's x0
+
+
+def record_of(groups: Groups) -> Scored:
     return Scored(groups.scores.total, groups.scores.terms, groups.prompts, groups.rollouts.images)
 
 
@@ -114,30 +127,32 @@ def flow_grpo_epoch(learner: Learner, stream: PromptStream, cfg: TrainConfig, pl
     grpo, K = cfg.grpo, cfg.items_per_sample
     groups = sample_groups(learner, stream, cfg.sample, plan, epoch, timer, grpo.group_size, grpo.noise_level)
     with timer("share"):
-        advantages = group_advantages(distributed.all_gather_tensor(groups.scores.total), groups.group, grpo.global_std)
-        r = groups.rollouts
-        after = torch.cat([r.inputs[:, 1:], r.final_latents[:, None]], dim=1)  # x_{i+1} of every step i
-        local = [r.inputs[:, :K].flatten(0, 1), after[:, :K].flatten(0, 1), r.log_probs[:, :K].flatten()]
+        rewards = distributed.all_gather_tensor(groups.scores.total)
+        signal = GroupSignal(groups.cond, groups.group, group_advantages(rewards, groups.group, grpo.global_std),
+                             groups.rollouts.sigmas, K)
+        rollouts = groups.rollouts
+        after = torch.cat([rollouts.inputs[:, 1:], rollouts.final_latents[:, None]], dim=1)  # x_{i+1} of step i
+        local = [rollouts.inputs[:, :K].flatten(0, 1), after[:, :K].flatten(0, 1), rollouts.log_probs[:, :K].flatten()]
         order = item_permutation(cfg.seed, epoch, plan.world_size * len(local[0]))
+    guidance = cfg.sample.guidance_scale
+    return record_of(groups), TrainingItems(local, order, lambda rows, items: grpo_loss(learner, rows, items, signal,
+                                                                                         grpo, guidance))
 
-    def loss(rows: list[torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
-        return grpo_loss(learner, rows, items, groups, advantages, grpo, cfg.sample.guidance_scale, K)
-    return scored(groups), TrainingItems(local, order, loss)
 
-
-def grpo_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Tensor, groups: Groups,
-              advantages: torch.Tensor, grpo: FlowGrpoConfig, guidance: float, K: int) -> dict[str, torch.Tensor]:
-    """Flow-GRPO's loss of a micro-batch: the step's log-density under v_θ against the sampled one."""
+def grpo_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Tensor, signal: GroupSignal,
+              grpo: FlowGrpoConfig, guidance: float) -> dict[str, torch.Tensor]:
+    """Flow-GRPO's loss of a micro-batch: each step's log-density under v_θ against the one sampled."""
     x, x_next, old_log_prob = rows
-    image, t = torch.div(items, K, rounding_mode="floor"), items % K
-    sigmas = groups.rollouts.sigmas
-    cond = groups.cond.take(groups.group[image])
+    image, t = torch.div(items, signal.items_per_image, rounding_mode="floor"), items % signal.items_per_image
+    sigmas, sigma_max = signal.sigmas, signal.sigmas[1].item()
+    cond = signal.cond.take(signal.group[image])
 
     def transition(v: torch.Tensor):
-        return sde_step(x, v, sigmas[t], sigmas[t + 1], grpo.noise_level, torch.zeros_like(x), sigma_max=sigmas[1].item())
-    step = transition(predict_velocity(learner.model, x, sigmas[t], cond, guidance))
+        return sde_step(x, v, sigmas[t], sigmas[t + 1], grpo.noise_level, torch.zeros_like(x), sigma_max=sigma_max)
+    # As published, no gradient through the empty prompt's velocity under CFG.
+    step = transition(predict_velocity(learner.model, x, sigmas[t], cond, guidance, detach_uncond=True))
     policy_loss, ratio, clipfrac = clipped_policy_loss(step_log_prob(x_next, step.mean, step.std), old_log_prob,
-                                                       advantages[image], grpo.clip_range, grpo.adv_clip_max)
+                                                       signal.weight[image], grpo.clip_range, grpo.adv_clip_max)
     kl = torch.zeros((), device=x.device)
     if grpo.kl_weight > 0:
         with torch.no_grad(), learner.lora.disable_adapter():
@@ -152,7 +167,7 @@ def diffusion_nft_epoch(learner: Learner, stream: PromptStream, cfg: TrainConfig
     """The old policy moves towards the LoRA (η of the steps so far); ODE rollouts of the old policy; items
     (image, noise level) at K of the T sampler levels per image with fresh noise, the old policy's velocity at
     each; the negative-aware loss weighted by the optimality probability r."""
-    nft, K = cfg.nft, cfg.items_per_sample
+    nft = cfg.nft
     if learner.optimizer_steps:  # the previous epoch's update, made here so that a resume makes it too
         decay = old_policy_decay(learner.optimizer_steps, nft.decay_type)
         learner.old_policy = [lagged_update(old, p.detach(), decay)
@@ -162,25 +177,31 @@ def diffusion_nft_epoch(learner: Learner, stream: PromptStream, cfg: TrainConfig
         with timer("old_policy"):
             x_t, sigma, v_old = old_policy_items(learner, groups, cfg, plan.micro_batch, epoch)
     with timer("share"):
-        r = optimality_weight(distributed.all_gather_tensor(groups.scores.total), groups.group, nft.adv_clip_max,
-                              nft.global_std)
-        x0 = distributed.all_gather_tensor(groups.rollouts.final_latents)
+        rewards = distributed.all_gather_tensor(groups.scores.total)
+        optimality = optimality_weight(rewards, groups.group, nft.adv_clip_max, nft.global_std)
+        signal = GroupSignal(groups.cond, groups.group, optimality, groups.rollouts.sigmas, cfg.items_per_sample,
+                             final_latents=distributed.all_gather_tensor(groups.rollouts.final_latents))
         order = item_permutation(cfg.seed, epoch, plan.world_size * len(x_t))
+    guidance = cfg.sample.guidance_scale
+    return record_of(groups), TrainingItems([x_t, sigma, v_old], order, lambda rows, items: nft_micro_batch_loss(
+        learner, rows, items, signal, nft, guidance))
 
-    def loss(rows: list[torch.Tensor], items: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, s, v = rows
-        image = torch.div(items, K, rounding_mode="floor")
-        cond = groups.cond.take(groups.group[image])
-        v_theta = predict_velocity(learner.model, x, s, cond, cfg.sample.guidance_scale)
-        v_ref = None
-        if nft.kl_weight > 0:
-            with torch.no_grad(), learner.lora.disable_adapter():
-                v_ref = predict_velocity(learner.model, x, s, cond, cfg.sample.guidance_scale)
-        terms = nft_loss(v_theta, v, x0[image], x, s, r[image], nft.beta, nft.adv_clip_max, v_ref, nft.kl_weight)
-        return {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
-                "positive_loss": terms.positive_loss, "negative_loss": terms.negative_loss,
-                "old_deviate": terms.old_deviate}
-    return scored(groups), TrainingItems([x_t, sigma, v_old], order, loss)
+
+def nft_micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Tensor, signal: GroupSignal,
+                         nft: DiffusionNftConfig, guidance: float) -> dict[str, torch.Tensor]:
+    """DiffusionNFT's loss of a micro-batch: v_θ at the noised final latents against the old policy's v there."""
+    x_t, sigma, v_old = rows
+    image = torch.div(items, signal.items_per_image, rounding_mode="floor")
+    cond = signal.cond.take(signal.group[image])
+    v_theta = predict_velocity(learner.model, x_t, sigma, cond, guidance)
+    v_ref = None
+    if nft.kl_weight > 0:
+        with torch.no_grad(), learner.lora.disable_adapter():
+            v_ref = predict_velocity(learner.model, x_t, sigma, cond, guidance)
+    terms = nft_loss(v_theta, v_old, signal.final_latents[image], x_t, sigma, signal.weight[image], nft.beta,
+                     nft.adv_clip_max, v_ref, nft.kl_weight)
+    return {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl, "positive_loss": terms.positive_loss,
+            "negative_loss": terms.negative_loss, "old_deviate": terms.old_deviate}
 
 
 @torch.no_grad()
@@ -188,13 +209,13 @@ def old_policy_items(learner: Learner, groups: Groups, cfg: TrainConfig, batch: 
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, its noise level, the old policy's velocity there) of every item of this rank: K of the T sampler
     levels per image, drawn with fresh noise from the image's own generator (TRAINING_NOISE)."""
-    r, K, device = groups.rollouts, cfg.items_per_sample, groups.rollouts.inputs.device
-    T = len(r.sigmas) - 1
-    first_image = distributed.rank() * len(r.final_latents)
+    rollouts, K = groups.rollouts, cfg.items_per_sample
+    device, T = rollouts.final_latents.device, len(rollouts.sigmas) - 1
+    first_image = distributed.rank() * len(rollouts.final_latents)
     x_t, sigma = [], []
-    for i, x0 in enumerate(r.final_latents):
+    for i, x0 in enumerate(rollouts.final_latents):
         generator = image_generator(cfg.seed, epoch, first_image + i, device, TRAINING_NOISE)
-        levels = r.sigmas[torch.randperm(T, generator=generator, device=device)[:K]]
+        levels = rollouts.sigmas[train_timestep_indices(T, K, generator)]
         noise = torch.randn((K, *x0.shape), generator=generator, device=device)
         x_t.append(forward_noise(x0.expand(K, *x0.shape), noise, levels))
         sigma.append(levels)

@@ -240,7 +240,13 @@ def check_train_config(cfg: TrainConfig) -> None:
                         ("--nft.timestep-fraction", cfg.nft.timestep_fraction)]:
         require(0 < value <= 1 and int(value * sample.num_solver_steps) >= 1,
                 f"{flag} must be in (0, 1] and keep at least one of the {sample.num_solver_steps} steps; got {value}.")
-    require(cfg.grpo.noise_level > 0, f"--grpo.noise-level must be more than 0; got {cfg.grpo.noise_level}.")
+    g, n = cfg.grpo, cfg.nft
+    for flag, value in [("--grpo.noise-level", g.noise_level), ("--grpo.clip-range", g.clip_range),
+                        ("--grpo.adv-clip-max", g.adv_clip_max), ("--nft.beta", n.beta),
+                        ("--nft.adv-clip-max", n.adv_clip_max)]:
+        require(value > 0, f"{flag} must be more than 0; got {value}.")
+    for flag, value in [("--grpo.kl-weight", g.kl_weight), ("--nft.kl-weight", n.kl_weight)]:
+        require(value >= 0, f"{flag} must be 0 or more; got {value}.")
     require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
 
 

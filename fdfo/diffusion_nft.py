@@ -101,10 +101,9 @@ def lagged_update(old: torch.Tensor, new: torch.Tensor, decay: float) -> torch.T
     return decay * old + (1 - decay) * new
 
 
-def train_timestep_indices(batch: int, num_steps: int, num_train: int, generator: torch.Generator | None = None
-                           ) -> torch.Tensor:
-    """(batch, num_train) indices into the sampler's σ grid: a random permutation per sample, its first num_train."""
-    return torch.stack([torch.randperm(num_steps, generator=generator)[:num_train] for _ in range(batch)])
+def train_timestep_indices(num_steps: int, num_train: int, generator: torch.Generator) -> torch.Tensor:
+    """(num_train,) indices into the sampler's σ grid for one sample: a random permutation's first num_train."""
+    return torch.randperm(num_steps, generator=generator, device=generator.device)[:num_train]
 
 
 # The published SD3.5-M recipe: config/nft.py sd3_pickscore() → _get_config() on config/base.py (@ 24af555).

@@ -1,5 +1,6 @@
 """What a training run holds from epoch to epoch: the pipeline with its LoRA, the reward, the optimiser, the
-gradient scaler and the EMA. Set up once per run, restored from a checkpoint on resume, saved into one."""
+gradient scaler, the EMA, DiffusionNFT's old policy and the count of forward passes. Set up once per run,
+restored from a checkpoint on resume, saved into one."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Learner:
     epochs_done: int = 0
     optimizer_steps: int = 0
     forward_rows: int = 0  # samples through the transformer on this rank in this process (sampling, training…)
-    forward_rows_before: int = 0  # on all ranks before this process: from the checkpoint
+    forward_rows_before: int | None = 0  # on all ranks before this process (checkpoint); None: not counted
 
     def step(self) -> tuple[float, float]:
         """Clip the accumulated gradient and take an optimiser step (skipped by the scaler if a gradient is not
@@ -62,10 +63,12 @@ class Learner:
         """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice)."""
         self.forward_rows += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
 
-    def forward_passes(self) -> int:
-        """Samples through the transformer on all ranks since the run began (a collective: every rank calls it)."""
-        rows = torch.tensor([self.forward_rows], dtype=torch.int64, device=self.pipe.device)
-        return self.forward_rows_before + int(distributed.all_reduce_sum(rows).item())
+    def forward_passes(self) -> int | None:
+        """Samples through the transformer on all ranks since the run began (a collective: every rank calls it);
+        None when the run was resumed from a checkpoint of an fdfo that did not count them."""
+        rows = torch.tensor([self.forward_rows], dtype=torch.int64, device=self.pipe.transformer.device)
+        total = int(distributed.all_reduce_sum(rows).item())
+        return None if self.forward_rows_before is None else self.forward_rows_before + total
 
     def save(self, run_dir: Path, total_pairs: int, settings: dict[str, Any]) -> None:
         """A checkpoint of the epochs done so far (rank 0 writes it; every rank waits for it)."""
@@ -100,8 +103,9 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None) -> Lea
     # would put a collective in each micro-batch and lock the ranks into step.
     model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
              else pipe.transformer)
-    learner = Learner(pipe, lora, model, reward, text_encoders, reward_models, optimizer, scaler, ema, old_policy,
-                      compute_dtype, cfg.train.max_grad_norm)
+    learner = Learner(pipe=pipe, lora=lora, model=model, reward=reward, text_encoders=text_encoders,
+                      reward_models=reward_models, optimizer=optimizer, scaler=scaler, ema=ema, old_policy=old_policy,
+                      compute_dtype=compute_dtype, max_grad_norm=cfg.train.max_grad_norm)
     pipe.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
     if resume is not None:
         restore(learner, resume, cfg)

@@ -37,7 +37,8 @@ def load_prompts(path: Path) -> list[str]:
 
 
 class PromptStream:
-    """Prompt of global pair g in epoch e: position e·N + g of an endless sequence of seeded shuffles."""
+    """Prompt of global pair g in epoch e: position e·N + g of an endless sequence of seeded shuffles. (The
+    baselines draw one prompt per group of images, groups 0 … G − 1 at positions e·N …: fewer than N an epoch.)"""
 
     def __init__(self, prompts: list[str], seed: int, pairs_per_epoch: int):
         self.prompts, self.seed, self.pairs_per_epoch = prompts, seed, pairs_per_epoch
@@ -52,7 +53,7 @@ class PromptStream:
         return self._shuffles[cycle]
 
     def position(self, epoch: int) -> int:
-        """Prompts drawn before `epoch` (the stream position a checkpoint records)."""
+        """The stream position of `epoch`'s first prompt."""
         return epoch * self.pairs_per_epoch
 
     def prompts_for(self, epoch: int, pair_ids: range | list[int]) -> list[str]:

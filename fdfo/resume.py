@@ -82,9 +82,10 @@ def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int) -
 
 
 def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """Dotted names of the settings whose values differ, with [old, new]."""
-    flat_old, flat_new = flatten(old), flatten(new)
-    return {k: [flat_old.get(k), v] for k, v in flat_new.items() if flat_old.get(k) != v}
+    """Dotted names of the settings whose values differ, with [old, new]. A setting that an older fdfo did not
+    have is not a change (it has the value the resumed run starts from); a run from before --method was FDFO."""
+    flat_old, flat_new = {"method": "fdfo", **flatten(old)}, flatten(new)
+    return {k: [flat_old[k], v] for k, v in flat_new.items() if k in flat_old and flat_old[k] != v}
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -130,8 +130,8 @@ class RunLog:
 
     def write_epoch(self, record: dict[str, Any], steps: list[dict[str, Any]],
                     example: tuple[torch.Tensor, list[float], str]) -> None:
-        """The epoch's step records and its own; a line on stdout. `example` (a pair's two images in [0, 1], their
-        rewards, its prompt) goes to W&B side by side every WANDB_IMAGE_EVERY epochs."""
+        """The epoch's step records and its own; a line on stdout. `example` (two images in [0, 1] of one prompt, a
+        pair's or a group's, their rewards and the prompt) goes to W&B side by side every WANDB_IMAGE_EVERY epochs."""
         for step in steps:
             self.write(step)
         images = None
@@ -140,7 +140,7 @@ class RunLog:
             side_by_side = to_uint8(torch.cat(list(pair), dim=2)).permute(1, 2, 0).numpy()
             images = {"pair": (side_by_side, f"R = {r0:.3f} | {r1:.3f}: {prompt}")}
         self.write(record, images)
-        # The loss is not printed: on the sampling policy (an epoch's first step) it is exactly 0, as dR sums to 0.
+        # The loss is not printed: FDFO's is exactly 0 on the sampling policy (an epoch's first step; dR sums to 0).
         norms = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
         skipped = sum(s.get("skipped", False) for s in steps)
         clipfrac = sum(s.get("clipfrac", 0) for s in steps) / len(steps)  # the baseline DiffusionNFT clips nothing

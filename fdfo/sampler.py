@@ -114,6 +114,7 @@ def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
     device = cond.embeds.device
     shape = latent_shape(pipe, resolution)
     sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    sigma_max = sigmas[1].item()  # Flow-GRPO's stand-in for σ = 1 in the SDE's coefficient
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
     inputs, log_probs = [], []
     for i in range(num_steps):
@@ -123,7 +124,7 @@ def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
             x = x + (sigmas[i + 1] - sigmas[i]) * v
             continue
         noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
-        step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise, sigma_max=sigmas[1].item())
+        step = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise, sigma_max=sigma_max)
         log_probs.append(step_log_prob(step.next, step.mean, step.std))
         x = step.next
     return Rollouts(inputs=torch.stack(inputs, dim=1), log_probs=torch.stack(log_probs, dim=1) if log_probs else None,

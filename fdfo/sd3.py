@@ -69,12 +69,13 @@ def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance_
 
 
 def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
-                     guidance_scale: float) -> torch.Tensor:
+                     guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
     """v(x, σ) in float32, with classifier-free guidance when guidance_scale ≠ 1.
 
     The compute dtype is that of the prompt embeddings (cast to it by the caller; fp16 over bf16 weights
     in the published recipe), under autocast, so that sampling and training run the very same numerics
-    and the ratio ρ starts at exactly 1.
+    and the ratio ρ starts at exactly 1. `detach_uncond`: no gradient through the empty prompt's velocity
+    (Flow-GRPO's training).
     """
     dtype = cond.embeds.dtype
     timestep = (1000 * sigma).to(torch.float32).expand(x.shape[0])
@@ -89,6 +90,8 @@ def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch
                         pooled_projections=pooled, return_dict=False)[0].float()
     if use_cfg:
         v_uncond, v_cond = v.chunk(2)
+        if detach_uncond:
+            v_uncond = v_uncond.detach()
         v = v_uncond + guidance_scale * (v_cond - v_uncond)
     return v
 

@@ -1,5 +1,5 @@
-"""train.py's body, the FDFO run: sample pairs → score → finite differences → shuffle across ranks → optimise →
-report → save."""
+"""train.py's body. The FDFO epoch: sample pairs → score → finite differences → shuffle across ranks → optimise →
+report → save; with --method, a baseline's rollouts and items (fdfo/baselines.py) in its place."""
 
 from __future__ import annotations
 

@@ -104,3 +104,29 @@ def test_a_method_brings_its_published_recipe_and_flags_still_win(tmp_path):
     fdfo = parse(TrainConfig, [])
     assert (fdfo.method, fdfo.total_pairs_per_epoch, fdfo.sample.num_solver_steps, fdfo.items_per_sample) == (
         "fdfo", 432, 40, 40)
+
+
+def test_the_method_recipes_are_the_published_defaults():
+    from fdfo import diffusion_nft, flow_grpo
+    for method, published, own in [("flow_grpo", flow_grpo.DEFAULTS, "grpo"), ("diffusion_nft", diffusion_nft.DEFAULTS, "nft")]:
+        cfg = parse(TrainConfig, ["--method", method])
+        assert (2 * cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps, cfg.sample.guidance_scale,
+                cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.adam_eps, cfg.train.max_grad_norm,
+                (cfg.train.adam_beta1, cfg.train.adam_beta2), cfg.lora_rank, cfg.lora_alpha) == (
+            published["groups_per_epoch"] * published["group_size"], published["num_steps"],
+            published["guidance_scale"], published["learning_rate"], published["adam_weight_decay"],
+            published["adam_eps"], published["max_grad_norm"], published["adam_betas"], published["lora_rank"],
+            published["lora_alpha"]), method
+        settings = getattr(cfg, own)
+        for name in ("group_size", "adv_clip_max", "global_std", "timestep_fraction"):
+            assert getattr(settings, name) == published[name], (method, name)
+    grpo = parse(TrainConfig, ["--method", "flow_grpo"])
+    assert (grpo.grpo.noise_level, grpo.grpo.clip_range, grpo.grpo.kl_weight) == (
+        flow_grpo.DEFAULTS["noise_level"], flow_grpo.DEFAULTS["clip_range"], flow_grpo.DEFAULTS["kl_beta"])
+    # Optimiser steps per epoch: the images over the GPUs' batches, split by the accumulation.
+    d = flow_grpo.DEFAULTS
+    assert grpo.gradient_steps_per_epoch == d["groups_per_epoch"] * d["group_size"] // (
+        d["num_gpus"] * d["sample_batch_size"] * d["gradient_accumulation_steps"])
+    nft = parse(TrainConfig, ["--method", "diffusion_nft"])
+    assert (nft.nft.beta, nft.nft.kl_weight, nft.nft.decay_type, nft.gradient_steps_per_epoch) == (
+        diffusion_nft.DEFAULTS["beta"], diffusion_nft.DEFAULTS["kl_weight"], diffusion_nft.DEFAULTS["decay_type"], 1)

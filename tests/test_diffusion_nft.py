@@ -111,7 +111,8 @@ def test_old_policy_decay_schedules_by_hand():
 
 
 def test_train_timestep_indices_drop_one_random_sigma_per_sample():
-    idx = train_timestep_indices(64, 10, 9, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.stack([train_timestep_indices(10, 9, generator) for _ in range(64)])
     assert idx.shape == (64, 9)
     assert all(len(set(row.tolist())) == 9 and 0 <= min(row) and max(row) <= 9 for row in idx)
     dropped = {45 - row.sum().item() for row in idx}  # 0 + … + 9 = 45 minus the one left out

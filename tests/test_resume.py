@@ -125,3 +125,20 @@ def test_killed_checkpoint_writes_are_tidied_when_the_run_resumes(three_epochs, 
     run("--resume-from", str(run_dir), "--num-epochs", "4")
     assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch-000000{e}" for e in (1, 2, 3, 4)]
     assert [r["epoch"] for r in epoch_records(run_dir)] == [0, 1, 2, 3]  # resumed from the restored epoch 3
+
+
+def test_a_checkpoint_of_an_older_fdfo_resumes_without_phantom_changes(three_epochs, tmp_path):
+    # Before --method, its settings had no `method`, `grpo` or `nft`, and its state no forward count.
+    run_dir = copy_run(three_epochs, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "epoch-0000003"
+    settings = json.loads((checkpoint / "settings.json").read_text())
+    for key in ("method", "grpo", "nft"):
+        del settings[key]
+    (checkpoint / "settings.json").write_text(json.dumps(settings))
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    del state["forward_passes"]
+    torch.save(state, checkpoint / "training_state.pt")
+    resumed = run("--resume-from", str(run_dir), "--num-epochs", "4")
+    history = json.loads((resumed / "config.json").read_text())["history"]
+    assert not any("changed" in entry for entry in history)
+    assert epoch_records(resumed)[-1]["transformer_forwards"] is None  # unknown, not restarted from 0

@@ -130,7 +130,8 @@ def test_terms_and_weights_from_the_command_line():
 @pytest.mark.parametrize("spec,message", [
     ("aesthetic=1", "Unknown reward term `aesthetic`; known terms are: brightness, compressibility, pickscore, hpsv2, "
                     "clip_h14, clip_l14, vlm_alignment, vlm_quality, vlm_photo; or name your own"),
-    ("pickscore=high", "the weight `high` is not a number"),
+    ("pickscore=high", "the weight `high` is not a finite number"),
+    ("pickscore=nan", "the weight `nan` is not a finite number"),
     ("no_such_module_xyz:score=1", "importing `no_such_module_xyz` failed .ModuleNotFoundError"),
     ("fdfo.rewards.brightness:nothing=1", "`fdfo.rewards.brightness` has no function `nothing`"),
     ("fdfo.rewards.brightness:torch=1", r"has no function `torch` \(it is a module\)"),
@@ -158,6 +159,11 @@ def test_a_scorer_of_the_wrong_shape_or_dtype_is_named(returned, message):
     reward = Reward([RewardTerm("mine", 1.0, lambda images, prompts: returned)])
     with pytest.raises(RewardSpecError, match=f"`mine` {message}.*shape \\(3,\\): one number per image"):
         reward(images(), PROMPTS)
+
+
+def test_the_vlm_questions_share_one_vlm_and_park_it_once():
+    reward = build_reward([("vlm_alignment", 1.0), ("vlm_quality", 1.0)], Scorers(CPU, twins="tiny", purpose="reward"))
+    assert reward.terms[0].scorer.vlm is reward.terms[1].scorer.vlm and len(reward.local_models()) == 1
 
 
 def test_every_metric_is_a_training_term_from_the_same_registry():

@@ -32,14 +32,16 @@ class Reward:
 
     def local_models(self) -> list[torch.nn.Module]:
         """The networks the terms hold whole on this rank (not sharded): frozen, so they can leave the GPU."""
-        return [term.scorer.model for term in self.terms
-                if isinstance(getattr(term.scorer, "model", None), torch.nn.Module)
-                and not getattr(term.scorer, "sharded", False)]
+        models = [term.scorer.model for term in self.terms
+                  if isinstance(getattr(term.scorer, "model", None), torch.nn.Module)
+                  and not getattr(term.scorer, "sharded", False)]
+        return list({id(m): m for m in models}.values())  # the VLM questions share one VLM
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         check_images(images, prompts)
-        scores = {term.name: checked_scores(term.name, term.scorer(images, prompts), len(prompts)) for term in self.terms}
+        scores = {term.name: checked_scores(term.name, term.scorer(images, prompts), len(prompts)).to(images.device)
+                  for term in self.terms}  # a user's scorer may answer on the CPU
         total = sum(term.weight * scores[term.name] for term in self.terms)
         for name, values in [*scores.items(), ("total", total)]:
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()

@@ -8,6 +8,7 @@ per image. Besides the built-in names, a training term may name the user's own s
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -59,12 +60,14 @@ def parse_terms(specs: tuple[str, ...]) -> list[tuple[str, float]]:
     """`NAME=WEIGHT` strings (the weight defaults to 1) → (name, weight) pairs, every name checked."""
     terms = []
     for spec in specs:
-        name, has_weight, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
+        name, _, weight = spec.rpartition("=") if "=" in spec else (spec, "", "1")
         try:
             value = float(weight)
         except ValueError:
-            raise RewardSpecError(f"--reward {spec}: the weight `{weight}` is not a number; write NAME=WEIGHT, "
-                                  "e.g. pickscore=1.") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise RewardSpecError(f"--reward {spec}: the weight `{weight}` is not a finite number; write NAME=WEIGHT, "
+                                  "e.g. pickscore=1.")
         check_term(name)
         terms.append((name, value))
     names = [name for name, _ in terms]
