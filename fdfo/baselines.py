@@ -25,7 +25,7 @@ from fdfo.optimise import TrainingItems
 from fdfo.prompts import PromptStream
 from fdfo.rewards import RewardOutput
 from fdfo.sampler import Rollouts, sample_rollouts
-from fdfo.sd3 import PromptEmbeds, encode_prompts, predict_velocity
+from fdfo.sd3 import PromptEmbeds, predict_velocity
 from fdfo.seeding import TRAINING_NOISE, image_generator, item_permutation
 from fdfo.timing import PhaseTimer
 
@@ -73,12 +73,8 @@ def sample_groups(learner: Learner, stream: PromptStream, sample: SampleConfig, 
     first_group = distributed.rank() * groups_per_rank
     group_prompts = stream.prompts_for(epoch, range(first_group, first_group + groups_per_rank))
     with timer("encode"):
-        learner.text_encoders.to_device()
-        cond = PromptEmbeds.cat([encode_prompts(pipe, group_prompts[i:i + plan.sampling_batch], sample.guidance_scale,
-                                                sample.max_sequence_length).to(learner.compute_dtype)
-                                 for i in range(0, groups_per_rank, plan.sampling_batch)])
-        learner.text_encoders.park()
-        learner.reward_models.to_device()
+        cond = PromptEmbeds.cat(learner.encode([group_prompts[i:i + plan.sampling_batch]
+                                                for i in range(0, groups_per_rank, plan.sampling_batch)], sample))
     pipe.transformer.eval()
     local_group = torch.arange(images, device=device) // group_size
     calls = [range(b, b + 2 * plan.sampling_batch) for b in range(0, images, 2 * plan.sampling_batch)]
@@ -98,9 +94,7 @@ def sample_groups(learner: Learner, stream: PromptStream, sample: SampleConfig, 
                       log_probs=None if log_probs[0] is None else cat(log_probs),
                       final_latents=cat([r.final_latents for r in rollouts]),
                       images=rollouts[0].images[:2].cpu())  # only two are kept, for W&B
-    joined_scores = RewardOutput(total=cat([s.total for s in scores]),
-                                 terms={k: cat([s.terms[k] for s in scores]) for k in scores[0].terms})
-    return Groups(joined, joined_scores, [group_prompts[i // group_size] for i in range(images)], cond.gather(),
+    return Groups(joined, RewardOutput.cat(scores), [group_prompts[i // group_size] for i in range(images)], cond.gather(),
                   distributed.all_gather_tensor(local_group + first_group))
 
 
@@ -112,6 +106,7 @@ class GroupSignal:
     group: torch.Tensor  # (images of all ranks,) each image's row of `cond`
     weight: torch.Tensor  # (images of all ranks,) Flow-GRPO's advantage, or DiffusionNFT's optimality r
     sigmas: torch.Tensor  # the sampler's noise levels, (T + 1,)
+    sigma_max: float  # sigmas[1]: Flow-GRPO's stand-in for σ = 1 in the SDE's coefficient
     items_per_image: int  # K: item = image · K + k
     final_latents: torch.Tensor | None = None  # (images of all ranks, C, h, w), DiffusionNFT's x0
 
@@ -128,8 +123,9 @@ def flow_grpo_epoch(learner: Learner, stream: PromptStream, cfg: TrainConfig, pl
     groups = sample_groups(learner, stream, cfg.sample, plan, epoch, timer, grpo.group_size, grpo.noise_level)
     with timer("share"):
         rewards = distributed.all_gather_tensor(groups.scores.total)
+        sigmas = groups.rollouts.sigmas
         signal = GroupSignal(groups.cond, groups.group, group_advantages(rewards, groups.group, grpo.global_std),
-                             groups.rollouts.sigmas, K)
+                             sigmas, sigmas[1].item(), K)
         rollouts = groups.rollouts
         after = torch.cat([rollouts.inputs[:, 1:], rollouts.final_latents[:, None]], dim=1)  # x_{i+1} of step i
         local = [rollouts.inputs[:, :K].flatten(0, 1), after[:, :K].flatten(0, 1), rollouts.log_probs[:, :K].flatten()]
@@ -144,7 +140,7 @@ def grpo_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Tensor, s
     """Flow-GRPO's loss of a micro-batch: each step's log-density under v_θ against the one sampled."""
     x, x_next, old_log_prob = rows
     image, t = torch.div(items, signal.items_per_image, rounding_mode="floor"), items % signal.items_per_image
-    sigmas, sigma_max = signal.sigmas, signal.sigmas[1].item()
+    sigmas, sigma_max = signal.sigmas, signal.sigma_max
     cond = signal.cond.take(signal.group[image])
 
     def transition(v: torch.Tensor):
@@ -179,7 +175,8 @@ def diffusion_nft_epoch(learner: Learner, stream: PromptStream, cfg: TrainConfig
     with timer("share"):
         rewards = distributed.all_gather_tensor(groups.scores.total)
         optimality = optimality_weight(rewards, groups.group, nft.adv_clip_max, nft.global_std)
-        signal = GroupSignal(groups.cond, groups.group, optimality, groups.rollouts.sigmas, cfg.items_per_sample,
+        sigmas = groups.rollouts.sigmas
+        signal = GroupSignal(groups.cond, groups.group, optimality, sigmas, sigmas[1].item(), cfg.items_per_sample,
                              final_latents=distributed.all_gather_tensor(groups.rollouts.final_latents))
         order = item_permutation(cfg.seed, epoch, plan.world_size * len(x_t))
     guidance = cfg.sample.guidance_scale

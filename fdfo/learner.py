@@ -17,13 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from fdfo import distributed
 from fdfo.checkpoint import TrainingState, save_checkpoint
 from fdfo.compile import compile_blocks, should_compile
-from fdfo.config import TrainConfig, TrainPhaseConfig
+from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig
 from fdfo.ema import OLD_POLICY_FOLDER, load_ema, load_lora_copy, start_ema, trainable
 from fdfo.lora import attach_lora, load_lora
 from fdfo.models import load_pipeline, training_dtypes
 from fdfo.offload import Parking
 from fdfo.resume import Resume
 from fdfo.rewards import Reward, Scorers, build_reward, reward_terms, twins_for
+from fdfo.sd3 import PromptEmbeds, encode_prompts
 
 
 @dataclass
@@ -58,6 +59,16 @@ class Learner:
             self.ema.step(trainable(self.lora))
         self.optimizer_steps += 1
         return grad_norm, scale
+
+    def encode(self, prompt_batches: list[list[str]], sample: SampleConfig) -> list[PromptEmbeds]:
+        """Every batch's prompt embeddings in the compute dtype. Then the text encoders are parked and the reward
+        models come back to the GPU, before sampling starts (with --memory-efficient)."""
+        self.text_encoders.to_device()
+        conds = [encode_prompts(self.pipe, batch, sample.guidance_scale, sample.max_sequence_length)
+                 .to(self.compute_dtype) for batch in prompt_batches]
+        self.text_encoders.park()
+        self.reward_models.to_device()
+        return conds
 
     def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice)."""

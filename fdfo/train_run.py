@@ -20,9 +20,10 @@ from fdfo.optimise import TrainingItems, optimise_epoch
 from fdfo.plots import REWARD_CURVE
 from fdfo.prompts import PromptStream, load_prompts
 from fdfo.resume import plan_resume
+from fdfo.rewards import RewardOutput
 from fdfo.runlog import RunLog, announce, open_run_dir, report_stop
 from fdfo.sampler import sample_pairs
-from fdfo.sd3 import PromptEmbeds, encode_prompts, predict_velocity
+from fdfo.sd3 import PromptEmbeds, predict_velocity
 from fdfo.seeding import item_permutation, pair_generator
 from fdfo.timing import PhaseTimer
 
@@ -131,11 +132,7 @@ def sample_and_score(learner: Learner, stream: PromptStream, sample: SampleConfi
                 for b in range(plan.sampling_calls)]
     prompts = [stream.prompts_for(epoch, ids) for ids in pair_ids]
     with timer("encode"):
-        learner.text_encoders.to_device()
-        conds = [encode_prompts(pipe, batch, sample.guidance_scale, sample.max_sequence_length).to(learner.compute_dtype)
-                 for batch in prompts]
-        learner.text_encoders.park()
-        learner.reward_models.to_device()
+        conds = learner.encode(prompts, sample)
     pipe.transformer.eval()
     trajs, scores = [], []
     for ids, batch, cond in tqdm(list(zip(pair_ids, prompts, conds)), desc=f"epoch {epoch} sampling",
@@ -147,11 +144,11 @@ def sample_and_score(learner: Learner, stream: PromptStream, sample: SampleConfi
         with timer("reward"):
             scores.append(learner.reward(trajs[-1].images, [p for p in batch for _ in range(2)]))
     learner.reward_models.park()
-    cat = torch.cat
+    cat, scored = torch.cat, RewardOutput.cat(scores)
     return RankSamples(
         inputs=cat([t.inputs for t in trajs]).flatten(0, 1), velocities=cat([t.velocities for t in trajs]).flatten(0, 1),
-        sigmas=trajs[0].sigmas, final_latents=cat([t.final_latents for t in trajs]),
-        rewards=cat([s.total for s in scores]), terms={k: cat([s.terms[k] for s in scores]) for k in scores[0].terms},
+        sigmas=trajs[0].sigmas, final_latents=cat([t.final_latents for t in trajs]), rewards=scored.total,
+        terms=scored.terms,
         cond=PromptEmbeds.cat(conds), guidance_scale=sample.guidance_scale,
         prompts=[p for batch in prompts for p in batch], first_images=trajs[0].images[:2].cpu(),
     )

@@ -21,6 +21,12 @@ class RewardOutput:
     total: torch.Tensor  # (B,) weighted sum, float32
     terms: dict[str, torch.Tensor]  # term name → (B,) unweighted scores
 
+    @staticmethod
+    def cat(outputs: list[RewardOutput]) -> RewardOutput:
+        """The scores of several batches, in order."""
+        return RewardOutput(torch.cat([o.total for o in outputs]),
+                            {k: torch.cat([o.terms[k] for o in outputs]) for k in outputs[0].terms})
+
 
 class Reward:
     """A weighted sum of reward terms."""
