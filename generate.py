@@ -2,7 +2,7 @@
 
 from fdfo.cli import main
 from fdfo.config import GenerateConfig
-from fdfo.generate_run import generate
+from fdfo.evaluation.generate import generate
 
 if __name__ == "__main__":
     main(generate, GenerateConfig)

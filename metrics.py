@@ -2,7 +2,7 @@
 
 from fdfo.cli import main
 from fdfo.config import MetricsConfig
-from fdfo.metrics_run import evaluate
+from fdfo.evaluation.metrics import evaluate
 
 if __name__ == "__main__":
     main(evaluate, MetricsConfig)

@@ -2,7 +2,7 @@
 
 from fdfo.cli import main
 from fdfo.config import TrainConfig
-from fdfo.train_run import train
+from fdfo.harness.training_loop import train
 
 if __name__ == "__main__":
     main(train, TrainConfig)

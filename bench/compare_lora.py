@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fdfo.checkpoint import find_checkpoint  # noqa: E402
+from fdfo.runs.checkpoint import find_checkpoint  # noqa: E402
 
 STRIDE = 8
 

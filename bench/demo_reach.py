@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fdfo.lora import attach_lora  # noqa: E402
-from fdfo.prompts import load_prompts  # noqa: E402
+from fdfo.model.lora import attach_lora  # noqa: E402
+from fdfo.harness.prompts import load_prompts  # noqa: E402
 from fdfo.rewards import Scorers  # noqa: E402
-from fdfo.sampler import flow_sigmas  # noqa: E402
-from fdfo.sd3 import decode_latents, encode_prompts, latent_shape, predict_velocity  # noqa: E402
-from fdfo.tiny import random_pipeline  # noqa: E402
+from fdfo.model.sampler import flow_sigmas  # noqa: E402
+from fdfo.model.sd3 import decode_latents, encode_prompts, latent_shape, predict_velocity  # noqa: E402
+from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Epoch benchmark on a GPU: the real training loop (fdfo.train_run.train) at SD3.5-M shapes with random weights.
+"""Epoch benchmark on a GPU: the real training loop (fdfo.harness.training_loop.train) at SD3.5-M shapes with random weights.
 
 python bench/epoch.py --out bench/results/epoch.json -- --total-pairs-per-epoch 24 --num-epochs 1
 (everything after `--` goes to train.py's parser; `--pretrained-model sd35m-random` and the offline
@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.cli import parse_train_config  # noqa: E402
-from fdfo.runlog import read_log  # noqa: E402
-from fdfo.train_run import train  # noqa: E402
+from fdfo.runs.runlog import read_log  # noqa: E402
+from fdfo.harness.training_loop import train  # noqa: E402
 
 
 def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
@@ -47,8 +47,8 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
 
 def transformer_flops(resolution: int, text_tokens: int) -> tuple[float, float]:
     """(forward, LoRA forward+backward) FLOPs per sample of the SD3.5-M transformer, counted on the meta device."""
-    from fdfo.lora import attach_lora
-    from fdfo.tiny import sd35m_transformer
+    from fdfo.model.lora import attach_lora
+    from fdfo.model.tiny import sd35m_transformer
     model = attach_lora(sd35m_transformer("meta"))
     side = resolution // 8
     x = torch.randn(1, 16, side, side, device="meta")

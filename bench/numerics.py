@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fdfo.compile import compile_blocks  # noqa: E402
-from fdfo.estimator import normalise, surrogate_loss  # noqa: E402
-from fdfo.lora import attach_lora  # noqa: E402
-from fdfo.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
-from fdfo.tiny import default_dtype, sd35m_transformer  # noqa: E402
+from fdfo.model.compile import compile_blocks  # noqa: E402
+from fdfo.formulas.estimator import normalise, surrogate_loss  # noqa: E402
+from fdfo.model.lora import attach_lora  # noqa: E402
+from fdfo.model.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.model.tiny import default_dtype, sd35m_transformer  # noqa: E402
 
 
 def timed_ms(fn, repeats=10):

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.numerics import first_call_s  # noqa: E402
-from fdfo.offload import Parking  # noqa: E402
+from fdfo.model.parking import Parking  # noqa: E402
 from fdfo.rewards import PRESETS, Scorers, build_reward  # noqa: E402
-from fdfo.tiny import random_pipeline  # noqa: E402
+from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 
 def main():

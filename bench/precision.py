@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.numerics import first_call_s, sd35m_with_lora, step_inputs, timed_ms  # noqa: E402
-from fdfo.compile import compile_blocks  # noqa: E402
-from fdfo.estimator import surrogate_loss  # noqa: E402
-from fdfo.models import training_dtypes  # noqa: E402
-from fdfo.sd3 import predict_velocity  # noqa: E402
+from fdfo.model.compile import compile_blocks  # noqa: E402
+from fdfo.formulas.estimator import surrogate_loss  # noqa: E402
+from fdfo.model.loading import training_dtypes  # noqa: E402
+from fdfo.model.sd3 import predict_velocity  # noqa: E402
 
 
 def main():

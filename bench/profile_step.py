@@ -25,9 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.numerics import sd35m_with_lora, timed_ms  # noqa: E402
-from fdfo.compile import compile_blocks  # noqa: E402
-from fdfo.estimator import normalise, surrogate_loss  # noqa: E402
-from fdfo.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.model.compile import compile_blocks  # noqa: E402
+from fdfo.formulas.estimator import normalise, surrogate_loss  # noqa: E402
+from fdfo.model.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 KINDS = [("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")), ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma")),

@@ -1,8 +1,8 @@
 import sys, time, torch
 sys.path.insert(0, '.')
-from fdfo.tiny import random_pipeline
-from fdfo.lora import attach_lora
-from fdfo.sd3 import encode_prompts, predict_velocity
+from fdfo.model.tiny import random_pipeline
+from fdfo.model.lora import attach_lora
+from fdfo.model.sd3 import encode_prompts, predict_velocity
 dev = torch.device('cuda')
 pipe = random_pipeline('sd35m', device=dev, dtype=torch.bfloat16)
 cond = encode_prompts(pipe, ['a red fox in the snow'] * 12, 1.0, 128)

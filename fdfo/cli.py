@@ -13,9 +13,10 @@ from typing import Any, Callable, TypeVar
 import tyro
 
 from fdfo import distributed
-from fdfo.config import METHOD_PRESETS, TINY_PRESET, TrainConfig, load_config_file, read_toml, with_overrides
+from fdfo.config import TINY_PRESET, TrainConfig, method_recipe
+from fdfo.config_files import load_config_file, read_toml, with_overrides
 from fdfo.errors import UserError
-from fdfo.resume import resumed_settings
+from fdfo.runs.resume import resumed_settings
 
 T = TypeVar("T")
 
@@ -39,8 +40,9 @@ def parse(cls: type[T], args: list[str] | None = None) -> T:
     model = (known.pretrained_model or user_file.get("pretrained_model") or resumed.get("pretrained_model")
              or getattr(default, "pretrained_model", None))
     method = known.method or user_file.get("method") or resumed.get("method")
-    if cls is TrainConfig and method in METHOD_PRESETS:
-        default = dataclasses.replace(load_config_file(cls, METHOD_PRESETS[method], default), config=None)
+    recipe = method_recipe(method) if cls is TrainConfig else None
+    if recipe is not None:
+        default = dataclasses.replace(load_config_file(cls, recipe, default), config=None)
     if cls is TrainConfig and model == "tiny":
         default = dataclasses.replace(load_config_file(cls, TINY_PRESET, default), config=None)
     if resumed:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +24,39 @@ VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 TrainPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 EvalPrecision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
-Method = Literal["fdfo", "flow_grpo", "diffusion_nft"]
-METHOD_PRESETS = {"flow_grpo": PROJECT_ROOT / "configs" / "flow_grpo.toml",  # the method's published recipe,
-                  "diffusion_nft": PROJECT_ROOT / "configs" / "diffusion_nft.toml"}  # applied first
+Method = Literal["fdfo", "flow_grpo", "diffusion_nft"]  # the classes are registered in fdfo/methods/__init__.py
+
+
+def method_recipe(method: str | None) -> Path | None:
+    """configs/<method>.toml: the published recipe of a method that has one, applied first with --method."""
+    path = PROJECT_ROOT / "configs" / f"{method}.toml"
+    return path if method in typing.get_args(Method) and path.is_file() else None
 
 
 class ConfigError(UserError, ValueError):
     """A configuration the run cannot use; the message says which flag to change."""
+
+
+@dataclass(frozen=True)
+class IntervalChurnConfig:
+    """The published code's interval schedule: per pair, churn around one random noise level (fdfo/formulas/churn.py)."""
+
+    mu: float = 1.0  # mean of the pair's centre in logit space
+    sigma: float = 1.5  # spread of the pair's centre in logit space
+    churn_weight: float = 1.0  # median of the pair's weight w, γ = exp(w · density) − 1
+    churn_weight_sigma: float = 0.0  # log-normal spread of the weight
+    soft_sigma: float = 0.25  # width of the logit-normal density around the centre
+
+
+@dataclass(frozen=True)
+class PriorChurnConfig:
+    """The published code's prior schedule: per pair, churn of the initial noise only (fdfo/formulas/churn.py)."""
+
+    churn_weight: float = 0.1  # median of the pair's weight w, γ = exp(w) − 1 at σ = 1
+    churn_weight_sigma: float = 1.0  # log-normal spread of the weight
+
+
+ChurnSchedule = Literal["raw", "interval", "prior"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +65,13 @@ class SampleConfig:
 
     num_solver_steps: int = 40  # Euler steps per trajectory (T)
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
-    churn_weight: float = 0.0025  # churn strength γ of the initial perturbation and of every step but the last
+    churn_schedule: ChurnSchedule = "raw"  # raw (the paper's: γ = churn_weight at every step), or the published code's interval or prior (their settings: --sample.interval.*, --sample.prior.*)
+    churn_weight: float = 0.0025  # the raw schedule's churn strength γ of the initial perturbation and of every step but the last
     batch_size: int | None = None  # pairs per sampling batch on each rank; None = derived from the pairs per rank
     resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     max_sequence_length: int = 128  # T5 tokens of the prompt
+    interval: IntervalChurnConfig = field(default_factory=IntervalChurnConfig)
+    prior: PriorChurnConfig = field(default_factory=PriorChurnConfig)
 
 
 @dataclass(frozen=True)
@@ -125,12 +152,6 @@ class TrainConfig:
     nft: DiffusionNftConfig = field(default_factory=DiffusionNftConfig)
 
     @property
-    def items_per_sample(self) -> int:
-        """Training items (noise levels) per sampled image: every step for FDFO, a fraction for the baselines."""
-        fraction = {"fdfo": 1.0, "flow_grpo": self.grpo.timestep_fraction, "diffusion_nft": self.nft.timestep_fraction}
-        return int(self.sample.num_solver_steps * fraction[self.method])
-
-    @property
     def default_run_name(self) -> str:
         reward = "+".join(term.partition("=")[0].replace(":", ".") for term in self.reward) or self.reward_preset
         method = "" if self.method == "fdfo" else f"{self.method}-"
@@ -160,7 +181,7 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """A LoRA checkpoint in diffusers' format: `python -m fdfo.export --checkpoint CKPT --out FOLDER`."""
+    """A LoRA checkpoint in diffusers' format: `python export.py --checkpoint CKPT --out FOLDER`."""
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder (its newest checkpoint), `hf:<org>/<repo>/<subdir>` or a Hub tree URL
@@ -234,20 +255,21 @@ def check_train_config(cfg: TrainConfig) -> None:
     require(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, f"--ema-decay must be between 0 and 1 (e.g. 0.999); got "
                                                             f"{cfg.ema_decay}.")
     reward_terms(cfg.reward_preset, cfg.reward)  # unknown names, bad weights and failing imports, before any model loads
-    for flag, value in [("--grpo.group-size", cfg.grpo.group_size), ("--nft.group-size", cfg.nft.group_size)]:
-        require(value >= 2, f"{flag} must be at least 2 (advantages compare the images of a prompt); got {value}.")
-    for flag, value in [("--grpo.timestep-fraction", cfg.grpo.timestep_fraction),
-                        ("--nft.timestep-fraction", cfg.nft.timestep_fraction)]:
-        require(0 < value <= 1 and int(value * sample.num_solver_steps) >= 1,
-                f"{flag} must be in (0, 1] and keep at least one of the {sample.num_solver_steps} steps; got {value}.")
-    g, n = cfg.grpo, cfg.nft
-    for flag, value in [("--grpo.noise-level", g.noise_level), ("--grpo.clip-range", g.clip_range),
-                        ("--grpo.adv-clip-max", g.adv_clip_max), ("--nft.beta", n.beta),
-                        ("--nft.adv-clip-max", n.adv_clip_max)]:
-        require(value > 0, f"{flag} must be more than 0; got {value}.")
-    for flag, value in [("--grpo.kl-weight", g.kl_weight), ("--nft.kl-weight", n.kl_weight)]:
-        require(value >= 0, f"{flag} must be 0 or more; got {value}.")
+    check_churn(sample)
     require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
+    # A method's own settings (--grpo.*, --nft.*) are checked by the method (fdfo/methods/).
+
+
+def check_churn(sample: SampleConfig) -> None:
+    """The interval and prior schedules' settings: weights and widths more than 0 (their logarithms and
+    divisions need it), spreads 0 or more."""
+    i, p = sample.interval, sample.prior
+    for flag, value in [("--sample.interval.churn-weight", i.churn_weight), ("--sample.interval.soft-sigma", i.soft_sigma),
+                        ("--sample.prior.churn-weight", p.churn_weight)]:
+        require(value > 0, f"{flag} must be more than 0; got {value}.")
+    for flag, value in [("--sample.interval.sigma", i.sigma), ("--sample.interval.churn-weight-sigma", i.churn_weight_sigma),
+                        ("--sample.prior.churn-weight-sigma", p.churn_weight_sigma)]:
+        require(value >= 0, f"{flag} must be 0 or more; got {value}.")
 
 
 def check_resolution(resolution: int | None, flag: str) -> None:
@@ -304,78 +326,6 @@ def check_metrics_config(cfg: MetricsConfig) -> None:
     require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
     if cfg.out is not None:
         check_writable(cfg.out)
-
-
-def with_overrides(instance: Any, overrides: dict[str, Any], where: str) -> Any:
-    """`instance` with the fields named in `overrides` replaced; nested dataclasses take nested tables.
-    Every value is checked against the field's type, so a typo fails here, before any model loads."""
-    fields = {f.name: f for f in dataclasses.fields(instance)}
-    types = typing.get_type_hints(type(instance))
-    changes = {}
-    for key, value in overrides.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"{where}: unknown setting `{key}`; valid settings are: {', '.join(sorted(fields))}.")
-        current = getattr(instance, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: `{key}` is a section; write it as a [{key}] table.")
-            changes[name] = with_overrides(current, value, f"{where} [{key}]")
-        else:
-            changes[name] = typed_value(value, types[name], f"{where}: `{key}`")
-    return dataclasses.replace(instance, **changes)
-
-
-def typed_value(value: Any, annotation: Any, what: str) -> Any:
-    """A TOML value as a field of type `annotation` holds it (a Path, a tuple…), or a ConfigError naming `what`."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if value is None and type(None) in args:  # JSON's null (a resumed run's settings); TOML has none
-        return None
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{what} must be one of {', '.join(repr(a) for a in args)}; got {value!r}.")
-    if origin in (typing.Union, types.UnionType):
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return typed_value(value, arm, what)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{what} must be {' or '.join(describe(a) for a in args if a is not type(None))}; "
-                          f"got {value!r}.")
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{what} must be a list, e.g. [{describe(args[0])}, ...]; got {value!r}.")
-        return tuple(typed_value(v, args[0], what) for v in value)
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str), Path: isinstance(value, str)}[annotation]
-    if not ok:
-        raise ConfigError(f"{what} must be {describe(annotation)}; got {value!r}.")
-    return annotation(value) if annotation in (float, Path) else value
-
-
-def describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"
-            }.get(annotation, str(annotation))
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ConfigError(f"Config file {path} does not exist; the paper's runs are in configs/ (e.g. configs/pickscore.toml).")
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"Config file {path} is not valid TOML: {e}") from None
-
-
-def load_config_file(cls: type, path: Path, base: Any = None) -> Any:
-    """`base` (default: `cls()`) with the settings of a TOML file applied."""
-    base = cls() if base is None else base
-    return with_overrides(dataclasses.replace(base, config=Path(path)), read_toml(path), str(path))
 
 
 def project_path(path: Path) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fdfo.tiny import random_pipeline  # noqa: E402
+from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 # Two threads as on CI; FDFO_TEST_THREADS=1 checks that no result depends on the thread count.
 torch.set_num_threads(int(os.environ.get("FDFO_TEST_THREADS", min(2, torch.get_num_threads()))))

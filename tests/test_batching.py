@@ -1,6 +1,6 @@
 import pytest
 
-from fdfo.batching import plan_batches
+from fdfo.harness.batching import BatchSizes, plan_batches
 from fdfo.config import ConfigError
 
 # (world size, total pairs) -> (pairs/rank, sample batch, batches, samples/step, micro-batch, accumulation),
@@ -47,17 +47,17 @@ def test_executed_sizes_raise_the_papers_for_speed(world_size, total):
 
 
 def test_given_sizes_and_caps_are_executed_as_given():
-    capped = plan_batches(48, 1, max_batch_size=4)
+    capped = plan_batches(48, 1, sizes=BatchSizes(max_batch_size=4))
     assert (capped.sampling_batch, capped.micro_batch) == (4, 4)
-    plan = plan_batches(48, 1, sample_batch_size=3, train_batch_size=8)
+    plan = plan_batches(48, 1, sizes=BatchSizes(sample_batch_size=3, train_batch_size=8))
     assert (plan.sampling_batch, plan.micro_batch) == (3, 8)
-    assert plan_batches(48, 1, micro_batch=24).micro_batch == 24
+    assert plan_batches(48, 1, sizes=BatchSizes(micro_batch=24)).micro_batch == 24
     with pytest.raises(ConfigError, match="--train.micro-batch 7 must divide the 960"):
-        plan_batches(48, 1, micro_batch=7)
+        plan_batches(48, 1, sizes=BatchSizes(micro_batch=7))
 
 
 def test_explicit_sizes_win():
-    plan = plan_batches(432, 4, sample_batch_size=4, train_batch_size=3, max_batch_size=2)
+    plan = plan_batches(432, 4, sizes=BatchSizes(sample_batch_size=4, train_batch_size=3, max_batch_size=2))
     assert (plan.sample_batch_size, plan.num_sample_batches) == (4, 27)
     assert (plan.train_batch_size, plan.gradient_accumulation_steps) == (3, 18)
 
@@ -73,9 +73,9 @@ def test_too_few_pairs_names_the_flag():
 
 
 @pytest.mark.parametrize("kwargs,flag", [
-    (dict(sample_batch_size=5), "--sample.batch-size 5"),
-    (dict(train_batch_size=7), "--train.batch-size 7"),
-    (dict(max_batch_size=0), "--max-batch-size"),
+    (dict(sizes=BatchSizes(sample_batch_size=5)), "--sample.batch-size 5"),
+    (dict(sizes=BatchSizes(train_batch_size=7)), "--train.batch-size 7"),
+    (dict(sizes=BatchSizes(max_batch_size=0)), "--max-batch-size"),
     (dict(gradient_steps_per_epoch=0), "--gradient-steps-per-epoch"),
 ])
 def test_impossible_sizes_are_refused(kwargs, flag):

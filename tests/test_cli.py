@@ -10,10 +10,10 @@ import pytest
 
 from fdfo.cli import main, parse_train_config
 from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig
-from fdfo.metrics_run import evaluate
-from fdfo.generate_run import generate
+from fdfo.evaluation.metrics import evaluate
+from fdfo.evaluation.generate import generate
 from fdfo.rewards import engine
-from fdfo.train_run import train
+from fdfo.harness.training_loop import train
 from tests.conftest import ROOT
 from tests.test_train import SMALL
 

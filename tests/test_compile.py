@@ -2,11 +2,11 @@
 
 import torch
 
-from fdfo.compile import compile_blocks, should_compile
-from fdfo.estimator import normalise, surrogate_loss
-from fdfo.lora import attach_lora
-from fdfo.sd3 import encode_prompts, latent_shape, predict_velocity
-from fdfo.tiny import random_pipeline
+from fdfo.model.compile import compile_blocks, should_compile
+from fdfo.formulas.estimator import normalise, surrogate_loss
+from fdfo.model.lora import attach_lora
+from fdfo.model.sd3 import encode_prompts, latent_shape, predict_velocity
+from fdfo.model.tiny import random_pipeline
 
 
 def trained_looking_lora_pipe():

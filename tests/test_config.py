@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from fdfo.cli import parse
-from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig, load_config_file, to_jsonable
+from fdfo.config import ConfigError, GenerateConfig, MetricsConfig, TrainConfig, to_jsonable
+from fdfo.config_files import load_config_file
+from fdfo.methods import build_method
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -95,19 +97,19 @@ def test_a_method_brings_its_published_recipe_and_flags_still_win(tmp_path):
     grpo = parse(TrainConfig, ["--method", "flow_grpo"])
     assert (grpo.total_pairs_per_epoch, grpo.gradient_steps_per_epoch, grpo.sample.num_solver_steps,
             grpo.sample.guidance_scale, grpo.train.learning_rate) == (576, 2, 10, 4.5, 3e-4)
-    assert (grpo.grpo.group_size, grpo.grpo.clip_range, grpo.grpo.kl_weight, grpo.items_per_sample) == (24, 1e-4, 0.01, 9)
+    assert (grpo.grpo.group_size, grpo.grpo.clip_range, grpo.grpo.kl_weight, build_method(grpo).items_per_sample) == (24, 1e-4, 0.01, 9)
     assert grpo.default_run_name == "flow_grpo-combined-cfg_4p5"
     nft = parse(TrainConfig, ["--method", "diffusion_nft", "--train.learning-rate", "1e-4"])
     assert (nft.gradient_steps_per_epoch, nft.sample.guidance_scale, nft.train.learning_rate) == (1, 1.0, 1e-4)
     (tmp_path / "nft.toml").write_text('method = "diffusion_nft"\n')  # from a config file too
     assert parse(TrainConfig, ["--config", str(tmp_path / "nft.toml")]).sample.num_solver_steps == 10
     fdfo = parse(TrainConfig, [])
-    assert (fdfo.method, fdfo.total_pairs_per_epoch, fdfo.sample.num_solver_steps, fdfo.items_per_sample) == (
+    assert (fdfo.method, fdfo.total_pairs_per_epoch, fdfo.sample.num_solver_steps, build_method(fdfo).items_per_sample) == (
         "fdfo", 432, 40, 40)
 
 
 def test_the_method_recipes_are_the_published_defaults():
-    from fdfo import diffusion_nft, flow_grpo
+    from fdfo.formulas import diffusion_nft, flow_grpo
     for method, published, own in [("flow_grpo", flow_grpo.DEFAULTS, "grpo"), ("diffusion_nft", diffusion_nft.DEFAULTS, "nft")]:
         cfg = parse(TrainConfig, ["--method", method])
         assert (2 * cfg.total_pairs_per_epoch, cfg.sample.num_solver_steps, cfg.sample.guidance_scale,

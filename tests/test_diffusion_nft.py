@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fdfo.diffusion_nft import (DEFAULTS, adaptive_x0_loss, forward_noise, implicit_policies, lagged_update,
+from fdfo.formulas.diffusion_nft import (DEFAULTS, adaptive_x0_loss, forward_noise, implicit_policies, lagged_update,
                                 nft_loss, old_policy_decay, optimality_weight, train_timestep_indices)
 
 

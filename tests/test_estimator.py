@@ -1,9 +1,9 @@
 import torch
 
-from fdfo.estimator import (endpoint_differences, log_ratio, normalise, reward_differences, surrogate_loss,
+from fdfo.formulas.estimator import (endpoint_differences, log_ratio, normalise, reward_differences, surrogate_loss,
                             target_velocity)
-from fdfo.sampler import sample_pairs
-from fdfo.sd3 import encode_prompts
+from fdfo.model.sampler import sample_pairs
+from fdfo.model.sd3 import encode_prompts
 
 
 def test_reward_and_endpoint_differences_by_hand():
@@ -72,7 +72,7 @@ def test_estimator_estimates_the_reward_gradient(tiny_pipe):
     cond = encode_prompts(tiny_pipe, ["a lighthouse at dusk"], 1.0, 128).repeat_interleave(pairs)
     gens = [torch.Generator().manual_seed(1000 + k) for k in range(pairs)]
     with torch.no_grad():
-        out = sample_pairs(tiny_pipe, cond, gens, num_steps=4, churn_weight=0.0025, resolution=16)
+        out = sample_pairs(tiny_pipe, cond, gens, num_steps=4, churn=0.0025, resolution=16)
     g = torch.randn(out.final_latents[0].shape, generator=torch.Generator().manual_seed(5))
     rewards = (out.final_latents * g).flatten(1).sum(1)
     dx = endpoint_differences(out.final_latents)

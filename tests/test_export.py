@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from fdfo.export import WEIGHT_NAME, export
+from fdfo.runs.export import WEIGHT_NAME, export
 from fdfo.config import ConfigError, ExportConfig
-from fdfo.generation import generate_images
-from fdfo.lora import attach_lora, attach_lora_from, save_lora
-from fdfo.tiny import random_pipeline
+from fdfo.evaluation.images import generate_images
+from fdfo.model.lora import attach_lora, attach_lora_from, save_lora
+from fdfo.model.tiny import random_pipeline
 from tests.conftest import ROOT
 
 PROMPTS, SEEDS = ["a red cube", "a cat on a mat"], [3, 4]
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_exported_lora_loads_in_diffusers_and_gives_our_images(checkpoint, tmp_path):
-    subprocess.run([sys.executable, "-m", "fdfo.export", "--checkpoint", str(checkpoint), "--out",
+    subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(checkpoint), "--out",
                     str(tmp_path / "lora")], cwd=ROOT, check=True)
     assert (tmp_path / "lora" / WEIGHT_NAME).is_file()
 

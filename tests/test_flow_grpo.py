@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fdfo.flow_grpo import (DEFAULTS, clipped_policy_loss, diffusion_coefficient, group_advantages, kl_penalty,
+from fdfo.formulas.flow_grpo import (DEFAULTS, clipped_policy_loss, diffusion_coefficient, group_advantages, kl_penalty,
                             sde_step, step_log_prob)
 
 

@@ -6,17 +6,17 @@ from diffusers import SD3Transformer2DModel
 from peft import get_peft_model
 from PIL import Image
 
-from fdfo.checkpoint import CheckpointError, find_checkpoint
+from fdfo.runs.checkpoint import CheckpointError, find_checkpoint
 from fdfo.cli import parse, parse_train_config
 from fdfo.config import ConfigError, GenerateConfig
-from fdfo.ema import EmaMissingError
-from fdfo.generate_run import generate
-from fdfo.generation import image_noise, to_uint8
-from fdfo.grid import grid_size, make_grid
-from fdfo.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
-from fdfo.lora import LoraLoadError, attach_lora_from, lora_config
-from fdfo.tiny import TINY_TRANSFORMER, random_pipeline
-from fdfo.train_run import train
+from fdfo.runs.ema import EmaMissingError
+from fdfo.evaluation.generate import generate
+from fdfo.evaluation.images import image_noise, to_uint8
+from fdfo.evaluation.grid import grid_size, make_grid
+from fdfo.runs.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
+from fdfo.model.lora import LoraLoadError, attach_lora_from, lora_config
+from fdfo.model.tiny import TINY_TRANSFORMER, random_pipeline
+from fdfo.harness.training_loop import train
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -84,7 +84,7 @@ def test_generation_defaults_to_the_pipelines_t5_length_and_the_published_seeds(
     def spy(pipe, prompts, seeds, *args, **kwargs):
         calls.update(prompts=prompts, seeds=seeds)
         return torch.zeros(len(prompts), 3, 8, 8, dtype=torch.uint8)
-    monkeypatch.setattr("fdfo.generate_run.generate_images", spy)
+    monkeypatch.setattr("fdfo.evaluation.generate.generate_images", spy)
     (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
     generate(parse(GenerateConfig, ["--pretrained-model", "tiny", "--prompts", str(tmp_path / "prompts.txt"),
                                     "--seed", "10", "--grid-rows", "1", "--grid-cols", "2",

@@ -1,16 +1,22 @@
 """FDFO, Flow-GRPO and DiffusionNFT in one harness: the same command line but for --method, the same cost axis."""
 
+import dataclasses
 import json
+import shutil
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fdfo import config
 from fdfo.cli import parse_train_config
 from fdfo.config import ConfigError
-from fdfo.runlog import read_log
-from fdfo.train_run import train
+from fdfo.methods import METHODS
+from fdfo.methods.base import Method
+from fdfo.runs.runlog import read_log
+from fdfo.harness.training_loop import train
 from tests.conftest import ROOT, torchrun
 
 # 8 pairs = 16 images in groups of 4 (4 prompts), 4 steps at 32 px, no CFG, a moderate learning rate.
@@ -85,3 +91,50 @@ def test_groups_must_fill_a_ranks_images(tmp_path):
     with pytest.raises(ConfigError, match="--grpo.group-size 5 must divide the 16 images each rank samples"):
         train(parse_train_config([*SMALL, "--method", "flow_grpo", "--grpo.group-size", "5", "--runs-dir",
                                   str(tmp_path)]))
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "main-7dee980"  # one run per method, 1 epoch, written by main at 7dee980
+
+
+@pytest.mark.parametrize("method", ["fdfo", "flow_grpo", "diffusion_nft"])
+def test_a_checkpoint_of_main_7dee980_resumes_without_phantom_changes(method, tmp_path, capsys):
+    run_dir = tmp_path / method
+    shutil.copytree(FIXTURES / method, run_dir)
+    assert train(parse_train_config(["--resume-from", str(run_dir), "--num-epochs", "2"])) == run_dir
+    assert "Changed on resume" not in capsys.readouterr().out
+    history = json.loads((run_dir / "config.json").read_text())["history"]
+    assert not any("changed" in entry for entry in history)
+    records = epochs(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[1]["transformer_forwards"] == 2 * records[0]["transformer_forwards"]  # counted on from the state
+    before, after = weights(run_dir, 1), weights(run_dir, 2)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in after)
+    if method == "diffusion_nft":  # its old policy came back from old_policy/ and was saved again
+        assert weights(run_dir, 2, "old_policy").keys() == after.keys()
+
+
+def test_every_method_is_registered_the_same_way():
+    assert set(typing.get_args(config.Method)) == set(METHODS)
+    for name, cls in METHODS.items():
+        assert issubclass(cls, Method), name
+        assert name == "fdfo" or (ROOT / "configs" / f"{name}.toml").is_file(), name  # its published recipe
+
+
+def readme_example() -> str:
+    """The Python block of the README's "Adding a method" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Adding a method"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
+def test_the_readmes_new_method_trains_in_the_harness_unchanged(tmp_path, monkeypatch):
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md (Adding a method)", "exec"), namespace)
+    monkeypatch.setitem(METHODS, "best_of_group", namespace["BestOfGroup"])
+    cfg = dataclasses.replace(parse_train_config([*SMALL, "--num-epochs", "2", "--runs-dir", str(tmp_path)]),
+                              method="best_of_group")
+    run_dir = train(cfg)
+    assert [r["reward_evaluations"] for r in epochs(run_dir)] == [16, 32]
+    assert [r["transformer_forwards"] for r in epochs(run_dir)] == [(16 * 4 + 16 * 4) * n for n in (1, 2)]
+    b = [w for k, w in weights(run_dir, 2).items() if "lora_B" in k]
+    assert max(w.abs().max().item() for w in b) > 1e-5

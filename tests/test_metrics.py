@@ -6,9 +6,9 @@ import torch
 
 from fdfo.cli import parse
 from fdfo.config import ConfigError, MetricsConfig
-from fdfo.evaluation import (DINO_COMMIT, diversity, image_seed, load_dreamsim, rank_prompt_indices, select_prompts,
+from fdfo.evaluation.protocol import (DINO_COMMIT, diversity, image_seed, load_dreamsim, rank_prompt_indices, select_prompts,
                              summarise)
-from fdfo.metrics_run import evaluate
+from fdfo.evaluation.metrics import evaluate
 from tests.conftest import ROOT, torchrun
 
 SMALL = ["--pretrained-model", "tiny", "--prompt-set", "pickscore_train", "--num-prompts", "5", "--num-repeats", "2",

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from fdfo.lora import LoraLoadError, attach_lora, load_lora, save_lora, trainable_parameters
-from fdfo.models import ModelLoadError, load_pipeline
-from fdfo.sd3 import encode_prompts, predict_velocity
-from fdfo.tiny import random_pipeline, sd35m_transformer
+from fdfo.model.lora import LoraLoadError, attach_lora, load_lora, save_lora, trainable_parameters
+from fdfo.model.loading import ModelLoadError, load_pipeline
+from fdfo.model.sd3 import encode_prompts, predict_velocity
+from fdfo.model.tiny import random_pipeline, sd35m_transformer
 
 
 def test_tiny_is_deterministic_and_keeps_sd3_relations(tiny_pipe):
@@ -90,8 +90,8 @@ def test_unreachable_hub_model_says_what_to_do():
 
 
 def test_default_resolution_is_the_papers_512_px(tiny_pipe):
-    from fdfo.sd3 import default_resolution, latent_shape
-    from fdfo.tiny import SD35M_TRANSFORMER
+    from fdfo.model.sd3 import default_resolution, latent_shape
+    from fdfo.model.tiny import SD35M_TRANSFORMER
     assert default_resolution(tiny_pipe) == 64 and latent_shape(tiny_pipe, None) == (16, 8, 8)
 
     class SD35M:  # SD3.5-M's config says sample_size 128 (1024 px); the paper samples at 512 px

@@ -1,6 +1,6 @@
 from PIL import Image
 
-from fdfo.plots import plot_reward_curve, reward_panels
+from fdfo.runs.plots import plot_reward_curve, reward_panels
 
 
 def epoch_record(epoch, terms):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdfo.checkpoint import CheckpointError, load_state
+from fdfo.runs.checkpoint import CheckpointError, load_state
 from fdfo.cli import parse_train_config
 from fdfo.config import ConfigError
-from fdfo.runlog import read_log
-from fdfo.train_run import train
+from fdfo.runs.runlog import read_log
+from fdfo.harness.training_loop import train
 from tests.test_train import SMALL, epoch_records, lora_weights
 
 

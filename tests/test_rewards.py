@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdfo.config import MetricName
-from fdfo.evaluation import build_metrics
+from fdfo.evaluation.protocol import build_metrics
 from fdfo.rewards import PRESETS, Reward, RewardTerm, Scorers, build_reward
 from fdfo.rewards.clip_score import ClipScore
 from fdfo.rewards.registry import RewardSpecError, parse_terms, reward_terms

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from fdfo.flow_grpo import sde_step, step_log_prob
-from fdfo.sampler import (branch_noise, churn_schedule, churned_euler_step, perturb_initial, sample_pairs,
-                          sample_rollouts)
-from fdfo.sd3 import encode_prompts, predict_velocity
+from fdfo.formulas.flow_grpo import sde_step, step_log_prob
+from fdfo.formulas.churn import raw_gammas
+from fdfo.model.sampler import branch_noise, churned_euler_step, perturb_initial, sample_pairs, sample_rollouts
+from fdfo.model.sd3 import encode_prompts, predict_velocity
 
 PROMPTS = ["a red cube on a wooden table", "an astronaut riding a horse"]
 
@@ -18,7 +18,7 @@ def generators(seeds):
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_churn_zero_equals_diffusers_pipeline(tiny_pipe, guidance):
     cond = encode_prompts(tiny_pipe, PROMPTS, guidance, 128)
-    ours = sample_pairs(tiny_pipe, cond, generators([3, 4]), num_steps=6, churn_weight=0.0, guidance_scale=guidance)
+    ours = sample_pairs(tiny_pipe, cond, generators([3, 4]), num_steps=6, churn=0.0, guidance_scale=guidance)
     base = torch.stack([torch.randn(16, 8, 8, generator=g) for g in generators([3, 4])])
     kwargs = dict(prompt=PROMPTS, num_inference_steps=6, guidance_scale=guidance, latents=base.clone(),
                   max_sequence_length=128, height=64, width=64)
@@ -35,7 +35,7 @@ def test_churn_zero_equals_diffusers_pipeline(tiny_pipe, guidance):
 
 
 def test_churn_schedule_is_raw():
-    assert churn_schedule(4, 0.1) == [0.1, 0.1, 0.1, 0.1, 0.0]
+    assert raw_gammas(4, 0.1) == [0.1, 0.1, 0.1, 0.1, 0.0]
 
 
 @pytest.mark.parametrize("gamma", [0.0025, 0.5])
@@ -71,7 +71,7 @@ def test_initial_perturbation_keeps_unit_variance():
 def test_branches_share_base_noise_and_differ_only_by_churn(tiny_pipe):
     gamma = 0.0025
     cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
-    out = sample_pairs(tiny_pipe, cond, generators([7, 8]), num_steps=4, churn_weight=gamma)
+    out = sample_pairs(tiny_pipe, cond, generators([7, 8]), num_steps=4, churn=gamma)
     # Replay each pair's generator: base noise first, then the two branches' initial churn.
     for k, g in enumerate(generators([7, 8])):
         base = torch.randn(16, 8, 8, generator=g)
@@ -102,7 +102,7 @@ def test_one_generator_per_pair_is_required(tiny_pipe):
 
 def test_rollouts_are_the_ode_at_noise_0_and_keep_the_sde_steps_log_density(tiny_pipe):
     cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
-    pairs = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4, churn_weight=0.0)
+    pairs = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4, churn=0.0)
     ode = sample_rollouts(tiny_pipe, cond, generators([1, 2]), num_steps=4, noise_level=0.0)
     assert ode.log_probs is None
     torch.testing.assert_close(ode.final_latents, pairs.final_latents[::2], rtol=0, atol=1e-6)  # branch a of each pair

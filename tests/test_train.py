@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fdfo import checkpoint
-from fdfo.checkpoint import CheckpointError, find_checkpoint
+from fdfo.runs import checkpoint
+from fdfo.runs.checkpoint import CheckpointError, find_checkpoint
 from fdfo.cli import parse_train_config
 from fdfo.config import ConfigError
-from fdfo.prompts import PromptFileError
+from fdfo.harness.prompts import PromptFileError
 from fdfo.rewards import Reward, RewardTerm
-from fdfo.runlog import read_log
-from fdfo.train_run import train
+from fdfo.runs.runlog import read_log
+from fdfo.harness.training_loop import train
 from tests.conftest import ROOT, torchrun
 
 # A small but complete run: 8 pairs of 4-step trajectories at 32 px, 2 optimiser steps per epoch, the

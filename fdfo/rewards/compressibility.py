@@ -7,12 +7,9 @@ import io
 import torch
 from PIL import Image
 
+from fdfo.evaluation.images import to_uint8
+
 JPEG_QUALITY = 95
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float (B, 3, H, W) → uint8 (B, H, W, 3) as round(255·x)."""
-    return (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class Compressibility:
@@ -20,7 +17,8 @@ class Compressibility:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         sizes = []
-        for pixels in to_uint8(images).numpy():
+        # float32 x·255 + 0.5, truncated: DDPO's round(255·x) but for exact ties (x·255 = k + ½, k even)
+        for pixels in to_uint8(images.detach().float().cpu()).permute(0, 2, 3, 1).numpy():
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
             sizes.append(buffer.tell())

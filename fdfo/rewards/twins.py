@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from fdfo.tiny import clip_tokenizer
+from fdfo.model.tiny import clip_tokenizer
 
 
 # PickScore / CLIP-ViT-H/14 shapes, and tiny ones.
@@ -82,7 +82,7 @@ def random_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str
                  dtype: torch.dtype = torch.float32):
     """A random Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder);
     `size="7b"` gives Qwen2.5-VL-7B's shapes, for benchmarks."""
-    from fdfo.tiny import default_dtype
+    from fdfo.model.tiny import default_dtype
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor

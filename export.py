@@ -1,0 +1,8 @@
+"""A checkpoint's LoRA in diffusers' format: `python export.py --checkpoint CKPT --out FOLDER [--merged]`."""
+
+from fdfo.cli import main
+from fdfo.config import ExportConfig
+from fdfo.runs.export import export
+
+if __name__ == "__main__":
+    main(export, ExportConfig)

@@ -1,0 +1,172 @@
+"""What a training run holds from epoch to epoch: the pipeline with its LoRA, the reward, the optimiser, the
+gradient scaler, the EMA, a method's own copies of the LoRA weights and the count of forward passes. Set up once
+per run, restored from a checkpoint on resume, saved into one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import EMAModel
+from peft import PeftModel
+from torch.nn.parallel import DistributedDataParallel
+
+from fdfo import distributed
+from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig
+from fdfo.model.compile import compile_blocks, should_compile
+from fdfo.model.loading import load_pipeline, training_dtypes
+from fdfo.model.lora import attach_lora, load_lora, load_lora_copy, trainable
+from fdfo.model.parking import Parking
+from fdfo.model.sd3 import PromptEmbeds, encode_prompts, predict_velocity
+from fdfo.rewards import Reward, Scorers, build_reward, reward_terms, twins_for
+from fdfo.runs.checkpoint import TrainingState, save_checkpoint
+from fdfo.runs.ema import EMA_FOLDER, load_ema, start_ema
+from fdfo.runs.resume import Resume
+
+
+@dataclass
+class Learner:
+    pipe: StableDiffusion3Pipeline
+    lora: PeftModel  # the LoRA-wrapped transformer (the pipeline runs the same modules)
+    model: torch.nn.Module  # what training calls: the transformer, in DDP with several ranks
+    reward: Reward
+    text_encoders: Parking  # off the GPU once the epoch's prompts are encoded (--memory-efficient)
+    reward_models: Parking  # off the GPU while the LoRA trains (--memory-efficient)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling of the fp16 recipe; disabled otherwise
+    ema: EMAModel | None  # with --ema-decay
+    copies: dict[str, list[torch.Tensor]]  # a method's own copies of the LoRA weights, by name (DiffusionNFT's)
+    compute_dtype: torch.dtype  # of sampling and training alike
+    max_grad_norm: float  # the gradient is clipped to this norm before every step
+    epochs_done: int = 0
+    optimizer_steps: int = 0
+    forward_rows: int = 0  # samples through the transformer on this rank in this process (sampling, training…)
+    forward_rows_before: int | None = 0  # on all ranks before this process (checkpoint); None: not counted
+
+    def step(self) -> tuple[float, float]:
+        """Clip the accumulated gradient and take an optimiser step (skipped by the scaler if a gradient is not
+        finite: an fp16 overflow); update the EMA. Returns (gradient norm, not finite when skipped; loss scale)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(self.lora), self.max_grad_norm).item()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()  # the scale halves after a skipped step
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(trainable(self.lora))
+        self.optimizer_steps += 1
+        return grad_norm, scale
+
+    def encode(self, prompt_batches: list[list[str]], sample: SampleConfig) -> list[PromptEmbeds]:
+        """Every batch's prompt embeddings in the compute dtype. Then the text encoders are parked and the reward
+        models come back to the GPU, before sampling starts (with --memory-efficient)."""
+        self.text_encoders.to_device()
+        conds = [encode_prompts(self.pipe, batch, sample.guidance_scale, sample.max_sequence_length)
+                 .to(self.compute_dtype) for batch in prompt_batches]
+        self.text_encoders.park()
+        self.reward_models.to_device()
+        return conds
+
+    @torch.no_grad()
+    def reference_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                           guidance_scale: float) -> torch.Tensor:
+        """v(x, σ) of the LoRA-free base model, the anchor of the methods' KL terms."""
+        with self.lora.disable_adapter():
+            return predict_velocity(self.model, x, sigma, cond, guidance_scale)
+
+    def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice)."""
+        self.forward_rows += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+
+    def forward_passes(self) -> int | None:
+        """Samples through the transformer on all ranks since the run began (a collective: every rank calls it);
+        None when the run was resumed from a checkpoint of an fdfo that did not count them."""
+        rows = torch.tensor([self.forward_rows], dtype=torch.int64, device=self.pipe.transformer.device)
+        total = int(distributed.all_reduce_sum(rows).item())
+        return None if self.forward_rows_before is None else self.forward_rows_before + total
+
+    def lora_copies(self) -> dict[str, list[torch.Tensor]]:
+        """Every copy of the LoRA weights a checkpoint holds besides the LoRA, by folder name."""
+        return {**({EMA_FOLDER: self.ema.shadow_params} if self.ema is not None else {}), **self.copies}
+
+    # The training state, saved and loaded by the same names (TrainingState's fields).
+    def state(self, total_pairs: int, forward_passes: int | None) -> TrainingState:
+        return TrainingState(epochs_done=self.epochs_done, optimizer_steps=self.optimizer_steps,
+                             total_pairs=total_pairs, optimizer=self.optimizer.state_dict(),
+                             grad_scaler=self.scaler.state_dict(),
+                             ema_steps=self.ema.optimization_step if self.ema else 0, forward_passes=forward_passes)
+
+    def load_state(self, state: TrainingState, train: TrainPhaseConfig) -> None:
+        """The state of a checkpoint; the optimiser settings given now (a new learning rate…) apply."""
+        self.epochs_done, self.optimizer_steps = state.epochs_done, state.optimizer_steps
+        self.optimizer.load_state_dict(state.optimizer)
+        for group in self.optimizer.param_groups:
+            group.update(optimizer_settings(train))
+        if state.grad_scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state.grad_scaler)
+        self.forward_rows_before = state.forward_passes
+        # state.total_pairs is checked by the resume plan; state.ema_steps by restore, with the EMA's weights.
+
+    def save(self, run_dir: Path, total_pairs: int, settings: dict[str, Any]) -> None:
+        """A checkpoint of the epochs done so far (rank 0 writes it; every rank waits for it)."""
+        state = self.state(total_pairs, self.forward_passes())
+        if distributed.is_main():
+            print(f"Saved {save_checkpoint(run_dir, self.lora, state, settings, self.lora_copies())}", flush=True)
+        distributed.barrier()
+
+
+def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies: tuple[str, ...] = (),
+           park_rewards: bool = True) -> Learner:
+    """Load the model, attach its LoRA, build the reward and the optimiser, start the LoRA `copies` a method
+    keeps at the LoRA's weights; restore them all from `resume`. `park_rewards`: the reward models may leave
+    the GPU while the LoRA trains (with --memory-efficient)."""
+    weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
+    pipe = load_pipeline(cfg.pretrained_model, device, weights_dtype)
+    pipe.vae.enable_slicing()  # decode one image at a time, as the published sampler: the decoder's peak memory / 12
+    lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    if should_compile(cfg.compile, device):
+        compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
+    scorers = Scorers(device, twins_for(cfg.pretrained_model), purpose="reward", vlm_model_name=cfg.vlm_model_name,
+                      shard_vlm=cfg.vlm_use_fsdp, vlm_buffers=cfg.vlm_buffers)
+    reward = build_reward(reward_terms(cfg.reward_preset, cfg.reward), scorers)
+    # Frozen models leave the GPU while not in use: leaving costs nothing, coming back one copy.
+    text_encoders = Parking([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+                            if cfg.memory_efficient else [], device)
+    reward_models = Parking(reward.local_models() if cfg.memory_efficient and park_rewards else [], device)
+    optimizer = torch.optim.AdamW(trainable(lora), **optimizer_settings(cfg.train))
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+    ema = start_ema(lora, cfg.ema_decay) if cfg.ema_decay else None
+    lora_copies = {name: [p.detach().clone() for p in trainable(lora)] for name in copies}
+    # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
+    # would put a collective in each micro-batch and lock the ranks into step.
+    model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
+             else pipe.transformer)
+    learner = Learner(pipe=pipe, lora=lora, model=model, reward=reward, text_encoders=text_encoders,
+                      reward_models=reward_models, optimizer=optimizer, scaler=scaler, ema=ema, copies=lora_copies,
+                      compute_dtype=compute_dtype, max_grad_norm=cfg.train.max_grad_norm)
+    pipe.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
+    if resume is not None:
+        restore(learner, resume, cfg)
+    return learner
+
+
+def restore(learner: Learner, resume: Resume, cfg: TrainConfig) -> None:
+    """The checkpoint's LoRA, its copies (the EMA, a method's own), the optimiser and the scaler."""
+    state = resume.state
+    if learner.ema is not None and state.ema_steps:
+        learner.ema = load_ema(learner.lora, resume.checkpoint, cfg.ema_decay, state.ema_steps)
+    for name in learner.copies:
+        learner.copies[name] = load_lora_copy(learner.lora, resume.checkpoint / name)
+    load_lora(learner.lora, resume.checkpoint)
+    if learner.ema is not None and not state.ema_steps:  # an EMA asked for on resuming a run without one starts here
+        learner.ema = start_ema(learner.lora, cfg.ema_decay)
+    learner.load_state(state, cfg.train)
+
+
+def optimizer_settings(train: TrainPhaseConfig) -> dict[str, Any]:
+    """AdamW's hyper-parameters from the settings (also applied to a resumed optimiser's state)."""
+    return dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                weight_decay=train.weight_decay)

@@ -1,0 +1,16 @@
+"""The training methods, one file each, all registered here the same way (the paper's own included)."""
+
+from __future__ import annotations
+
+from fdfo.config import TrainConfig
+from fdfo.methods.base import Method
+from fdfo.methods.diffusion_nft import DiffusionNft
+from fdfo.methods.fdfo import Fdfo
+from fdfo.methods.flow_grpo import FlowGrpo
+
+METHODS: dict[str, type[Method]] = {"fdfo": Fdfo, "flow_grpo": FlowGrpo, "diffusion_nft": DiffusionNft}
+
+
+def build_method(cfg: TrainConfig) -> Method:
+    """The method `--method` names, with its settings from `cfg`."""
+    return METHODS[cfg.method](cfg)

@@ -1,0 +1,58 @@
+"""A LoRA checkpoint (ours or a published one) in the format diffusers loads:
+
+    python export.py --checkpoint runs/00000-combined-cfg_1p0 --out lora/
+    pipe = StableDiffusion3Pipeline.from_pretrained(...); pipe.load_lora_weights("lora/")
+
+The weights keep PEFT's key names below the transformer, and the adapter's config (rank, alpha, targets)
+travels in the file's metadata, which diffusers reads back, so the scale alpha / rank is kept. With
+`--merged`, the transformer with the LoRA merged into its weights is written too (`<out>/transformer`), for
+tools that take a plain SD3 transformer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from fdfo import distributed
+from fdfo.config import ExportConfig, check_export_config
+from fdfo.runs.hub import resolve_checkpoint
+from fdfo.model.lora import ADAPTER_FILES, attach_lora_from
+from fdfo.model.loading import load_pipeline, model_dtype
+
+PEFT_PREFIX = "base_model.model."  # what PEFT's wrapper puts before the transformer's own module names
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
+
+
+def export_lora(checkpoint: Path, out: Path) -> Path:
+    """Write the LoRA of the checkpoint folder `checkpoint` into `out` with diffusers' own saving function."""
+    config = LoraConfig.from_pretrained(str(checkpoint))
+    weights = load_file(checkpoint / ADAPTER_FILES[1])
+    layers = {name.removeprefix(PEFT_PREFIX): value for name, value in weights.items()}
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers, weight_name=WEIGHT_NAME,
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    return out / WEIGHT_NAME
+
+
+def export_merged(checkpoint: Path, pretrained_model: str, precision: str, out: Path) -> Path:
+    """The base model's transformer with the LoRA of `checkpoint` merged into its weights, saved as diffusers does."""
+    device = distributed.init()
+    pipe = load_pipeline(pretrained_model, device, model_dtype(precision, device))
+    transformer = attach_lora_from(pipe.transformer, checkpoint).merge_and_unload()  # W + alpha/rank · B·A
+    transformer.save_pretrained(out)
+    return out
+
+
+def export(cfg: ExportConfig) -> Path:
+    check_export_config(cfg)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
+    path = export_lora(checkpoint, cfg.out)
+    distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
+    if cfg.merged:
+        merged = export_merged(checkpoint, cfg.pretrained_model, cfg.precision, cfg.out / "transformer")
+        distributed.print0(f"Wrote {merged}: load it with SD3Transformer2DModel.from_pretrained({str(merged)!r})")
+    return path
+

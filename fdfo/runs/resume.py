@@ -1,0 +1,102 @@
+"""Resuming a run: which checkpoint, whether to continue in place or branch, which settings may change.
+
+Rules (README, "Resume"): a resume starts from the settings saved with the checkpoint, and flags given on
+the command line change them; the changes are applied (the optimiser's too) and recorded in the run's
+history. The base model, the LoRA's shape, the seed and the pairs per epoch cannot change. Resuming from a
+checkpoint that is not its run's newest continues in a new run folder that records its parent, so two
+branches never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fdfo.runs.checkpoint import (TrainingState, check_adapter, find_checkpoint, load_state, read_settings,
+                             recover_interrupted_writes, run_checkpoints)
+from fdfo.config import ConfigError
+
+# Settings a resume cannot change, and why.
+FIXED = {
+    "pretrained_model": "the LoRA belongs to its base model",
+    "lora_rank": "the LoRA's shape cannot change",
+    "lora_alpha": "the LoRA's scale is part of its weights",
+    "seed": "the prompts and the noise of every epoch derive from it",
+    "method": "the optimiser's state (and DiffusionNFT's old policy) belong to the method that trained",
+}
+# Settings that are not the training's own: a resume takes them from the command line, and does not record them.
+NOT_RECORDED = ("config", "resume_from", "dry_run", "runs_dir", "run_name", "num_epochs", "log_wandb")
+
+
+@dataclass
+class Resume:
+    checkpoint: Path
+    state: TrainingState
+    run_dir: Path | None  # the run continued in place; None: a branch, continued in a new run folder
+    changes: dict[str, list[Any]]  # dotted setting name → [value in the checkpoint, value now]
+
+
+def run_of(path: Path) -> Path | None:
+    """The run folder that `path` (a run folder or one of its checkpoints) belongs to, if any."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def checkpoint_to_resume(resume_from: Path) -> Path:
+    """The checkpoint `--resume-from` names (a run folder: its newest), after tidying a killed checkpoint write."""
+    run_dir = run_of(resume_from)
+    if run_dir is not None:
+        recover_interrupted_writes(run_dir)
+    return find_checkpoint(resume_from)
+
+
+def resumed_settings(resume_from: Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, its run's settings), the defaults of a resumed run's configuration."""
+    checkpoint = checkpoint_to_resume(resume_from)
+    settings = read_settings(checkpoint)
+    return checkpoint, {k: v for k, v in settings.items() if k not in ("config", "resume_from", "dry_run")}
+
+
+def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int) -> Resume:
+    """Check everything a resume needs (files readable, fixed settings unchanged) before anything is written."""
+    checkpoint = checkpoint_to_resume(resume_from)
+    state = load_state(checkpoint)
+    check_adapter(checkpoint)
+    changes = setting_changes(read_settings(checkpoint), settings)
+    for name, reason in FIXED.items():
+        if name in changes:
+            old, new = changes[name]
+            raise ConfigError(f"{flag(name)} {new} differs from the checkpoint's {old}: {reason}. Resume with "
+                              f"{flag(name)} {old}, or start a new run.")
+    if total_pairs != state.total_pairs:
+        raise ConfigError(f"This resume samples {total_pairs} pairs per epoch, the checkpoint's run {state.total_pairs}: "
+                          "the prompt stream and the noise of every pair depend on it. Resume with "
+                          f"--total-pairs-per-epoch {state.total_pairs}, or start a new run.")
+    run_dir = run_of(checkpoint)
+    newest = run_dir is not None and run_checkpoints(run_dir)[-1] == checkpoint
+    return Resume(checkpoint, state, run_dir if newest else None,
+                  {k: v for k, v in changes.items() if k.split(".")[0] not in NOT_RECORDED})
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """Dotted names of the settings whose values differ, with [old, new]. A setting that an older fdfo did not
+    have is not a change (it has the value the resumed run starts from); a run from before --method was FDFO."""
+    flat_old, flat_new = {"method": "fdfo", **flatten(old)}, flatten(new)
+    return {k: [flat_old[k], v] for k, v in flat_new.items() if k in flat_old and flat_old[k] != v}
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
