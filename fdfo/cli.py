@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 import tyro
 
 from fdfo import distributed
-from fdfo.config import TINY_PRESET, TrainConfig, method_recipe
+from fdfo.config import TINY_PRESET, ConfigError, TrainConfig, method_recipe
 from fdfo.config_files import load_config_file, read_toml, with_overrides
 from fdfo.errors import UserError
 from fdfo.runs.resume import resumed_settings
@@ -49,7 +49,39 @@ def parse(cls: type[T], args: list[str] | None = None) -> T:
         default = with_overrides(default, resumed, f"{checkpoint}/settings.json")
     if known.config:
         default = with_overrides(dataclasses.replace(default, config=known.config), user_file, str(known.config))
+    if cls is TrainConfig:
+        refuse_foreign_settings(method or "fdfo", args, user_file)
     return tyro.cli(cls, args=args, default=default, description=cls.__doc__)
+
+
+def refuse_foreign_settings(method: str, args: list[str], user_file: dict[str, Any]) -> None:
+    """A setting that only another method reads (e.g. --grpo.group-size with --method fdfo), given on the command
+    line or in --config's file, is refused: it would do nothing. Recipes and checkpoints are not the user's words."""
+    from fdfo.methods import METHODS  # the methods import this module's neighbours
+    flags = [a.lstrip("-").partition("=")[0].replace("-", "_") for a in args if a.startswith("--")]
+    given = [(name, f"--{name.replace('_', '-')}") for name in flags]
+    given += [(name, f"`{name}` in {user_file_name(args)}") for name in flat_names(user_file)]
+    for name, where in given:
+        owners = [m for m, cls in METHODS.items() if any(name == own or name.startswith(own + ".")
+                                                         for own in cls.settings)]
+        if owners and method not in owners:
+            raise ConfigError(f"{where} is a setting of --method {' or '.join(owners)}; this run is --method "
+                              f"{method}, where it would do nothing. Leave it out, or run --method {owners[0]}.")
+
+
+def flat_names(table: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of a TOML table's settings (`[grpo] group_size` → grpo.group_size)."""
+    names = []
+    for key, value in table.items():
+        name = prefix + key.replace("-", "_")
+        names += flat_names(value, name + ".") if isinstance(value, dict) else [name]
+    return names
+
+
+def user_file_name(args: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="the --config file")
+    return str(pre.parse_known_args(args)[0].config)
 
 
 def parse_train_config(args: list[str] | None = None) -> TrainConfig:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tyro
 
 from fdfo.errors import UserError
+from fdfo.formulas.gradient import TimeWeight
 from fdfo.rewards.registry import reward_terms
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
@@ -24,7 +25,7 @@ VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 TrainPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 EvalPrecision = Literal["auto", "bf16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
-Method = Literal["fdfo", "flow_grpo", "diffusion_nft"]  # the classes are registered in fdfo/methods/__init__.py
+Method = Literal["fdfo", "fdfo_grad", "flow_grpo", "diffusion_nft", "draft", "rsm"]  # the classes are registered in fdfo/methods/__init__.py
 
 
 def method_recipe(method: str | None) -> Path | None:
@@ -117,12 +118,44 @@ class DiffusionNftConfig:
 
 
 @dataclass(frozen=True)
+class DraftConfig:
+    """DRaFT's own settings (--method draft; Clark et al., 2024, fdfo/methods/draft.py; its recipe configs/draft.toml)."""
+
+    k: int = 1  # K: the reward's gradient goes back through the last K sampling steps (DRaFT-K; K = T: all of them)
+    lv_samples: int = 0  # DRaFT-LV (K = 1): this many fresh noisings of the final sample, each denoised in one step; 0 = off
+    kl_weight: float = 0.0  # DRaFT+'s weight of mean((v_θ − v_base)²) at the kept steps (NeMo-Aligner's kl_coeff); 0 = DRaFT
+    checkpointing: bool = True  # recompute the kept steps' and the decoder's activations in the backward pass (memory)
+
+
+@dataclass(frozen=True)
+class RsmConfig:
+    """Reward Score Matching's own settings (--method rsm, zeroth order; fdfo/methods/rsm.py; its recipe configs/rsm.toml)."""
+
+    branches: tuple[int, ...] = (6, 6, 8, 10, 0, 0, 0, 0, 0)  # SDE branches off each seed's ODE trajectory at steps 0 … T−2 (the recipe's `lowsnr2`); a step without branches is a KL anchor
+    seeds_per_prompt: int = 4  # ODE trajectories (seeds) per prompt (`num_image_per_prompt`)
+    noise_level: float = 0.7  # a of the branches' SDE step, σ̃ = a·√(σ/(1 − σ))
+    clip_range: float = 1e-4  # c of the hinge max(c·|A| + A·m, 0)
+    adv_clip_max: float = 5.0  # advantages clipped to ±this
+    kl_weight: float = 0.004  # β of the KL to the base model on the branch rows and the anchors (the recipe's GenEval preset)
+    kl_anchor: bool = True  # the KL also at the ODE states of the steps without branches (`use_ode_kl_anchor`)
+
+
+@dataclass(frozen=True)
+class FdfoGradConfig:
+    """The FDFO paper's gradient ablations (--method fdfo_grad; its Fig. 8 rows I and J, fdfo/methods/fdfo_grad.py):
+    FDFO with the exact reward gradient in place of the finite difference."""
+
+    chain: bool = False  # row J: the gradient carried back through the sampling chain to each step; False: row I, ∇R at the final latent for every step
+    time_weight: TimeWeight = "constant"  # η(σ) on each step's signal: constant (the paper's rows), linear 1 − σ (Reward Score Matching's first order) or quadratic (1 − σ)²
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """FDFO training run: `python train.py` or `torchrun --nproc_per_node=N train.py`."""
 
     config: Path | None = None  # TOML file of settings (see configs/); flags given on the command line win
     pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder; `tiny` (offline CPU demo) or `sd35m-random` (real shapes, random weights)
-    method: Method = "fdfo"  # the RL method: fdfo (the paper's), flow_grpo or diffusion_nft (baselines, same harness; their recipes in configs/)
+    method: Method = "fdfo"  # the method: fdfo (the paper's), its gradient ablations fdfo_grad, or flow_grpo, diffusion_nft, draft, rsm (same harness; their recipes in configs/)
     reward_preset: RewardPreset = "combined"  # reward terms and weights
     reward: tuple[str, ...] = ()  # reward terms as NAME=WEIGHT (e.g. pickscore=1 hpsv2=0.5, or your own my_pkg.my_rewards:score=1); given, they replace --reward-preset
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM reward
@@ -150,6 +183,9 @@ class TrainConfig:
     train: TrainPhaseConfig = field(default_factory=TrainPhaseConfig)
     grpo: FlowGrpoConfig = field(default_factory=FlowGrpoConfig)
     nft: DiffusionNftConfig = field(default_factory=DiffusionNftConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    grad: FdfoGradConfig = field(default_factory=FdfoGradConfig)
+    rsm: RsmConfig = field(default_factory=RsmConfig)
 
     @property
     def default_run_name(self) -> str:

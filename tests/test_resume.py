@@ -111,7 +111,8 @@ def test_a_training_state_that_could_run_code_is_refused(three_epochs, tmp_path)
     run_dir = copy_run(three_epochs, tmp_path)
     state = run_dir / "checkpoints" / "epoch-0000003" / "training_state.pt"
     assert set(torch.load(state, weights_only=True)) == {"format", "epochs_done", "optimizer_steps", "total_pairs",
-                                                         "optimizer", "grad_scaler", "ema_steps", "forward_passes"}  # tensors and numbers only
+                                                         "optimizer", "grad_scaler", "ema_steps", "forward_passes",
+                                                         "backward_passes"}  # tensors and numbers only
     torch.save({"format": 2, "callback": os.system}, state)  # a pickle that names a function
     with pytest.raises(CheckpointError, match="holds Python objects besides tensors and numbers.*refused"):
         load_state(state.parent)
@@ -136,9 +137,10 @@ def test_a_checkpoint_of_an_older_fdfo_resumes_without_phantom_changes(three_epo
         del settings[key]
     (checkpoint / "settings.json").write_text(json.dumps(settings))
     state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-    del state["forward_passes"]
+    del state["forward_passes"], state["backward_passes"]
     torch.save(state, checkpoint / "training_state.pt")
     resumed = run("--resume-from", str(run_dir), "--num-epochs", "4")
     history = json.loads((resumed / "config.json").read_text())["history"]
     assert not any("changed" in entry for entry in history)
-    assert epoch_records(resumed)[-1]["transformer_forwards"] is None  # unknown, not restarted from 0
+    last = epoch_records(resumed)[-1]
+    assert last["transformer_forwards"] is None and last["transformer_backwards"] is None  # unknown, not from 0

@@ -4,7 +4,7 @@ per run, restored from a checkpoint on resume, saved into one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,14 @@ from fdfo.runs.resume import Resume
 
 
 @dataclass
+class Passes:
+    """Samples through the transformer: forward (a checkpoint's recomputation included) and backward."""
+
+    forward: int | None
+    backward: int | None
+
+
+@dataclass
 class Learner:
     pipe: StableDiffusion3Pipeline
     lora: PeftModel  # the LoRA-wrapped transformer (the pipeline runs the same modules)
@@ -43,8 +51,10 @@ class Learner:
     max_grad_norm: float  # the gradient is clipped to this norm before every step
     epochs_done: int = 0
     optimizer_steps: int = 0
-    forward_rows: int = 0  # samples through the transformer on this rank in this process (sampling, training…)
-    forward_rows_before: int | None = 0  # on all ranks before this process (checkpoint); None: not counted
+    rows: list[int] = field(default_factory=lambda: [0, 0])  # samples through the transformer on this rank in
+    # this process: [forward, of which differentiated] (sampling, training…)
+    rows_before: list[int | None] = field(default_factory=lambda: [0, 0])  # on all ranks before this process
+    # (checkpoint); None: not counted
 
     def step(self) -> tuple[float, float]:
         """Clip the accumulated gradient and take an optimiser step (skipped by the scaler if a gradient is not
@@ -78,26 +88,32 @@ class Learner:
             return predict_velocity(self.model, x, sigma, cond, guidance_scale)
 
     def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice)."""
-        self.forward_rows += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+        """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice).
+        A pass with gradient will be back-propagated once; one inside a backward pass is a checkpoint's
+        recomputation: a forward only."""
+        rows = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+        self.rows[0] += rows
+        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            self.rows[1] += rows
 
-    def forward_passes(self) -> int | None:
-        """Samples through the transformer on all ranks since the run began (a collective: every rank calls it);
-        None when the run was resumed from a checkpoint of an fdfo that did not count them."""
-        rows = torch.tensor([self.forward_rows], dtype=torch.int64, device=self.pipe.transformer.device)
-        total = int(distributed.all_reduce_sum(rows).item())
-        return None if self.forward_rows_before is None else self.forward_rows_before + total
+    def passes(self) -> Passes:
+        """Samples through the transformer forward and backward on all ranks since the run began (a collective:
+        every rank calls it); None when resumed from a checkpoint of an fdfo that did not count them."""
+        rows = torch.tensor(self.rows, dtype=torch.int64, device=self.pipe.transformer.device)
+        total = distributed.all_reduce_sum(rows).tolist()
+        return Passes(*[None if before is None else before + n for before, n in zip(self.rows_before, total)])
 
     def lora_copies(self) -> dict[str, list[torch.Tensor]]:
         """Every copy of the LoRA weights a checkpoint holds besides the LoRA, by folder name."""
         return {**({EMA_FOLDER: self.ema.shadow_params} if self.ema is not None else {}), **self.copies}
 
     # The training state, saved and loaded by the same names (TrainingState's fields).
-    def state(self, total_pairs: int, forward_passes: int | None) -> TrainingState:
+    def state(self, total_pairs: int, passes: Passes) -> TrainingState:
         return TrainingState(epochs_done=self.epochs_done, optimizer_steps=self.optimizer_steps,
                              total_pairs=total_pairs, optimizer=self.optimizer.state_dict(),
                              grad_scaler=self.scaler.state_dict(),
-                             ema_steps=self.ema.optimization_step if self.ema else 0, forward_passes=forward_passes)
+                             ema_steps=self.ema.optimization_step if self.ema else 0, forward_passes=passes.forward,
+                             backward_passes=passes.backward)
 
     def load_state(self, state: TrainingState, train: TrainPhaseConfig) -> None:
         """The state of a checkpoint; the optimiser settings given now (a new learning rate…) apply."""
@@ -107,12 +123,12 @@ class Learner:
             group.update(optimizer_settings(train))
         if state.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.grad_scaler)
-        self.forward_rows_before = state.forward_passes
+        self.rows_before = [state.forward_passes, state.backward_passes]
         # state.total_pairs is checked by the resume plan; state.ema_steps by restore, with the EMA's weights.
 
     def save(self, run_dir: Path, total_pairs: int, settings: dict[str, Any]) -> None:
         """A checkpoint of the epochs done so far (rank 0 writes it; every rank waits for it)."""
-        state = self.state(total_pairs, self.forward_passes())
+        state = self.state(total_pairs, self.passes())
         if distributed.is_main():
             print(f"Saved {save_checkpoint(run_dir, self.lora, state, settings, self.lora_copies())}", flush=True)
         distributed.barrier()

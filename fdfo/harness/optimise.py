@@ -38,6 +38,17 @@ class TrainingItems:
         return TrainingItems(local, item_permutation(seed, epoch, world_size * len(local[0])), loss)
 
 
+def step_sums(order: torch.Tensor, values: torch.Tensor, steps: int) -> torch.Tensor:
+    """For every item of the epoch (by global id), the sum of `values` (one per global item) over the items of its
+    optimiser step: what a loss normalised per step divides by — the same on any rank count and micro-batch
+    size, where a count per micro-batch would not be."""
+    sums = torch.empty_like(values)
+    for k in range(steps):
+        ids = step_items(order, k, steps).to(values.device)
+        sums[ids] = values[ids].sum()
+    return sums
+
+
 def split_items(items: torch.Tensor, per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Global item ids → (sample, index within the sample): item = sample · per_sample + index."""
     return torch.div(items, per_sample, rounding_mode="floor"), items % per_sample

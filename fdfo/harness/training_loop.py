@@ -11,7 +11,7 @@ from fdfo.config import TrainConfig, check_train_config, to_jsonable
 from fdfo.evaluation.before_after import BEFORE_AFTER, write_before_after
 from fdfo.harness.batching import BatchSizes, plan_batches
 from fdfo.harness.console import announce, epoch_line, stop_message
-from fdfo.harness.learner import set_up
+from fdfo.harness.learner import Passes, set_up
 from fdfo.harness.optimise import optimise_epoch
 from fdfo.harness.prompts import PromptStream, load_prompts
 from fdfo.harness.timing import PhaseTimer
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig) -> Path:
             learner.epochs_done = epoch + 1
 
             # Report.
-            record = epoch_record(epoch, scores, timer, plan.total_pairs, learner.forward_passes())
+            record = epoch_record(epoch, scores, timer, plan.total_pairs, learner.passes())
             log.write_epoch(record, [{"kind": "step", "epoch": epoch, **s} for s in steps],
                             (scores.first_images, scores.rewards[:2].tolist(), scores.prompts[0]))
             distributed.print0(epoch_line(record, steps))
@@ -84,14 +84,14 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def epoch_record(epoch: int, scores: EpochScores, timer: PhaseTimer, total_pairs: int,
-                 forward_passes: int | None) -> dict:
+                 passes: Passes) -> dict:
     """The epoch's log record: rewards of all ranks (mean and spread, per term too), the cost so far (reward
     evaluations and samples through the transformer), time and memory per phase."""
     seconds = timer.elapsed()
     rewards = distributed.all_gather_tensor(scores.rewards)
     terms = {k: distributed.all_gather_tensor(v) for k, v in scores.terms.items()}
     return {"kind": "epoch", "epoch": epoch, "reward_evaluations": 2 * total_pairs * (epoch + 1),
-            "transformer_forwards": forward_passes,
+            "transformer_forwards": passes.forward, "transformer_backwards": passes.backward,
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             **{f"reward_{k}": v.mean().item() for k, v in terms.items()},
             **{f"reward_{k}_std": v.std().item() for k, v in terms.items()},

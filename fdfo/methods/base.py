@@ -46,6 +46,8 @@ class Method:
     # <checkpoint>/<name>/ and restored on resume; learner.copies[name], starting at the LoRA's initial weights)
     needs_gradients: ClassVar[bool] = False  # its loss back-propagates through the sampler or the reward, so the
     # reward models stay on the GPU while it trains
+    settings: ClassVar[tuple[str, ...]] = ()  # the settings only it reads (dotted names or sections): given by the
+    # user for another method, they are refused
 
     @property
     def items_per_sample(self) -> int:

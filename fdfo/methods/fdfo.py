@@ -15,7 +15,7 @@ from fdfo.formulas.churn import interval_gammas, prior_gammas
 from fdfo.formulas.estimator import endpoint_differences, normalise, reward_differences, surrogate_loss
 from fdfo.harness.learner import Learner
 from fdfo.harness.optimise import TrainingItems, split_items
-from fdfo.harness.rollouts import SamplingCall, sample_and_score
+from fdfo.harness.rollouts import Sampled, SamplingCall, sample_and_score
 from fdfo.harness.seeding import pair_generator
 from fdfo.methods.base import Epoch, EpochScores, Method
 from fdfo.model.sampler import ChurnDraw, sample_pairs
@@ -23,17 +23,26 @@ from fdfo.model.sd3 import PromptEmbeds, predict_velocity
 
 
 @dataclass
-class SharedSignal:
-    """What every rank needs of every sample to train on any item: §3's d and dR, and the prompt of its pair."""
+class PairConditioning:
+    """What every rank needs to evaluate v_θ on any item: the prompt of its pair and its noise level."""
 
-    d: torch.Tensor  # normalised endpoint differences, (2N, C, h, w)
-    dR: torch.Tensor  # reward differences, (2N,)
     cond: PromptEmbeds  # prompt embeddings per pair (N rows)
     sigmas: torch.Tensor  # (T + 1,)
     guidance_scale: float  # of the sampling, which training reproduces
 
 
+@dataclass
+class SharedSignal(PairConditioning):
+    """... and of every sample, §3's d and dR."""
+
+    d: torch.Tensor  # normalised endpoint differences, (2N, C, h, w)
+    dR: torch.Tensor  # reward differences, (2N,)
+
+
 class Fdfo(Method):
+    settings = ("sample.churn_schedule", "sample.churn_weight", "sample.interval", "sample.prior", "train.clip_range",
+                "train.kl_weight")
+
     def __init__(self, cfg: TrainConfig):
         self.sample, self.train, self.seed = cfg.sample, cfg.train, cfg.seed
 
@@ -42,8 +51,25 @@ class Fdfo(Method):
         return self.sample.num_solver_steps  # every step of every trajectory
 
     def epoch(self, learner: Learner, epoch: Epoch) -> tuple[EpochScores, TrainingItems]:
-        """This rank's pairs (global pairs rank·P … rank·P + P − 1, each from its own seeded noise), scored; every
-        (sample, timestep) item with its input x_t and sampled velocity v_ref, and §4's surrogate loss."""
+        """This rank's pairs, scored; every (sample, timestep) item with its input x_t and sampled velocity v_ref,
+        and §4's surrogate loss."""
+        sampled, prompts = self.sample_pairs(learner, epoch)
+        trajs = sampled.batches
+        inputs = torch.cat([t.inputs for t in trajs]).flatten(0, 1)  # item = sample · T + t
+        velocities = torch.cat([t.velocities for t in trajs]).flatten(0, 1)
+        final_latents = torch.cat([t.final_latents for t in trajs])
+
+        # Turn rewards into finite-difference targets and share them with every rank (§3).
+        with epoch.timer("share"):
+            signal = share_signal(final_latents, sampled.scores.total, sampled.cond, trajs[0].sigmas,
+                                  self.sample.guidance_scale)
+            items = TrainingItems.shuffled([inputs, velocities], self.seed, epoch.index, epoch.plan.world_size,
+                                           partial(micro_batch_loss, learner, signal=signal, train=self.train))
+        return self.scores(sampled, prompts), items
+
+    def sample_pairs(self, learner: Learner, epoch: Epoch) -> tuple[Sampled, list[str]]:
+        """This rank's pairs (global pairs rank·P … rank·P + P − 1, each from its own seeded noise), scored, and
+        their prompts."""
         plan, sample, device = epoch.plan, self.sample, learner.pipe.transformer.device
         first_pair = distributed.rank() * plan.pairs_per_rank
         pairs = range(first_pair, first_pair + plan.pairs_per_rank)
@@ -53,22 +79,13 @@ class Fdfo(Method):
                               [prompts[i] for i in rows for _ in range(2)]) for rows in batches]
         sampler = partial(sample_pairs, num_steps=sample.num_solver_steps, churn=churn_draw(sample),
                           guidance_scale=sample.guidance_scale, resolution=sample.resolution)
-        sampled = sample_and_score(learner, prompts, calls, sampler, sample, plan.sampling_batch, epoch.timer,
-                                   f"epoch {epoch.index} sampling")
-        trajs = sampled.batches
-        inputs = torch.cat([t.inputs for t in trajs]).flatten(0, 1)  # item = sample · T + t
-        velocities = torch.cat([t.velocities for t in trajs]).flatten(0, 1)
-        final_latents = torch.cat([t.final_latents for t in trajs])
+        return sample_and_score(learner, prompts, calls, sampler, sample, plan.sampling_batch, epoch.timer,
+                                f"epoch {epoch.index} sampling"), prompts
 
-        # Turn rewards into finite-difference targets and share them with every rank (§3).
-        with epoch.timer("share"):
-            signal = share_signal(final_latents, sampled.scores.total, sampled.cond, trajs[0].sigmas,
-                                  sample.guidance_scale)
-            items = TrainingItems.shuffled([inputs, velocities], self.seed, epoch.index, plan.world_size,
-                                           partial(micro_batch_loss, learner, signal=signal, train=self.train))
-        scores = EpochScores(sampled.scores.total, sampled.scores.terms, [p for p in prompts for _ in range(2)],
-                             sampled.first_images)
-        return scores, items
+    @staticmethod
+    def scores(sampled: Sampled, prompts: list[str]) -> EpochScores:
+        return EpochScores(sampled.scores.total, sampled.scores.terms, [p for p in prompts for _ in range(2)],
+                           sampled.first_images)
 
 
 def churn_draw(sample: SampleConfig) -> float | ChurnDraw:
@@ -103,10 +120,16 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
     """The surrogate loss of a micro-batch of items, v_θ computed exactly as during sampling."""
     x, v_ref = rows
     sample, t = split_items(items, len(signal.sigmas) - 1)
-    sigma, cond = signal.sigmas[t], signal.cond.take(torch.div(sample, 2, rounding_mode="floor"))
-    v_theta = predict_velocity(learner.model, x, sigma, cond, signal.guidance_scale)
-    v_base = learner.reference_velocity(x, sigma, cond, signal.guidance_scale) if train.kl_weight > 0 else None
-    terms = surrogate_loss(v_theta, v_ref, signal.d[sample], signal.dR[sample], train.clip_range, train.kl_weight,
-                           v_base)
+    return surrogate_terms(learner, x, v_ref, signal.d[sample], signal.dR[sample], sample, t, signal, train)
+
+
+def surrogate_terms(learner: Learner, x: torch.Tensor, v_ref: torch.Tensor, d: torch.Tensor, dR: torch.Tensor,
+                    sample: torch.Tensor, t: torch.Tensor, at: PairConditioning, train: TrainPhaseConfig
+                    ) -> dict[str, torch.Tensor]:
+    """§4's surrogate of items (sample, t) with inputs x, sampled velocities v_ref and signal (d, dR)."""
+    sigma, cond = at.sigmas[t], at.cond.take(torch.div(sample, 2, rounding_mode="floor"))
+    v_theta = predict_velocity(learner.model, x, sigma, cond, at.guidance_scale)
+    v_base = learner.reference_velocity(x, sigma, cond, at.guidance_scale) if train.kl_weight > 0 else None
+    terms = surrogate_loss(v_theta, v_ref, d, dR, train.clip_range, train.kl_weight, v_base)
     return {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl, "clipfrac": terms.clipfrac,
             "ratio_dev": (terms.ratio - 1).abs().mean()}

@@ -59,6 +59,10 @@ class GroupMethod(Method):
     section: ClassVar[str]  # "grpo", "nft"
     positive: ClassVar[tuple[str, ...]] = ()  # its settings that must be more than 0
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.settings = (cls.section,)
+
     def __init__(self, cfg: TrainConfig):
         self.sample, self.seed, self.settings = cfg.sample, cfg.seed, getattr(cfg, self.section)
 

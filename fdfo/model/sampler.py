@@ -170,3 +170,62 @@ def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
         x = step.next
     return Rollouts(inputs=torch.stack(inputs, dim=1), log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
                     sigmas=sigmas, final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype))
+
+
+@dataclass
+class Branches:
+    """Reward Score Matching's rollouts (fdfo/formulas/rsm.py): per seed an ODE trajectory, SDE branches off it at
+    some steps, each carried to σ = 0 by the ODE. Branch rows are step-major: step i, then seed, then branch."""
+
+    inputs: torch.Tensor  # x_i of each branch's step: (B, C, h, w)
+    velocities: torch.Tensor  # v_old(x_i), the sampling policy's velocity there: (B, C, h, w)
+    noise: torch.Tensor  # ε of the branch's SDE step: (B, C, h, w)
+    seed: torch.Tensor  # (B,) the branch's seed, a row of the call's conditioning
+    step: torch.Tensor  # (B,) its step i
+    anchors: torch.Tensor  # x_i of every seed at the steps without branches below T − 1: (S·A, C, h, w), seed-major
+    anchor_steps: list[int]  # those steps (A of them)
+    sigmas: torch.Tensor  # (T + 1,)
+    final_latents: torch.Tensor  # (B, C, h, w)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def sample_branches(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
+                    num_steps: int, branches: tuple[int, ...], noise_level: float, guidance_scale: float = 1.0,
+                    resolution: int | None = None) -> Branches:
+    """One ODE trajectory per row of `cond` (a seed, from its own generator: its start noise, then its branches'
+    noise, step by step), `branches[i]` SDE branches off state x_i for i < T − 1, all continued together by the ODE."""
+    device = cond.embeds.device
+    shape = latent_shape(pipe, resolution)
+    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    sigma_max = sigmas[1].item()  # Flow-GRPO's stand-in for σ = 1, as in its SDE
+    seeds = len(generators)
+    x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    states, velocities = [], {}
+    for i in range(num_steps - 1):  # the trunk: x_0 … x_{T−2}, and v where a step branches or the trunk goes on
+        states.append(x)
+        if branches[i] > 0 or i < num_steps - 2:
+            velocities[i] = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale)
+        if i < num_steps - 2:
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocities[i]
+    rows: dict[str, list[torch.Tensor]] = {"inputs": [], "velocities": [], "noise": [], "seed": [], "step": []}
+    live, live_seed = torch.empty((0, *shape), device=device), torch.empty(0, dtype=torch.long, device=device)
+    for j in range(1, num_steps):  # branches of step j − 1 join at σ_j; every live branch takes the ODE step j
+        k = branches[j - 1]
+        if k:
+            noise = torch.stack([torch.randn((k, *shape), generator=g, device=device) for g in generators]).flatten(0, 1)
+            seed = torch.arange(seeds, device=device).repeat_interleave(k)
+            x_i, v_i = states[j - 1][seed], velocities[j - 1][seed]
+            x_next = sde_step(x_i, v_i, sigmas[j - 1], sigmas[j], noise_level, noise, sigma_max=sigma_max).next
+            for name, value in zip(rows, (x_i, v_i, noise, seed, torch.full_like(seed, j - 1))):
+                rows[name].append(value)
+            live, live_seed = torch.cat([live, x_next]), torch.cat([live_seed, seed])
+        if len(live):
+            v = predict_velocity(pipe.transformer, live, sigmas[j], cond.take(live_seed), guidance_scale)
+            live = live + (sigmas[j + 1] - sigmas[j]) * v
+    anchor_steps = [i for i in range(num_steps - 1) if branches[i] == 0]
+    anchors = (torch.stack([states[i] for i in anchor_steps], dim=1).flatten(0, 1) if anchor_steps
+               else torch.empty((0, *shape), device=device))
+    joined = {name: torch.cat(values) for name, values in rows.items()}
+    return Branches(**joined, anchors=anchors, anchor_steps=anchor_steps, sigmas=sigmas, final_latents=live,
+                    images=decode_latents(pipe, live, cond.embeds.dtype))

@@ -98,7 +98,12 @@ def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch
 
 @torch.no_grad()
 def decode_latents(pipe: StableDiffusion3Pipeline, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Final float32 latents → images in [0, 1], float32, (B, 3, H, W).
+    """Final float32 latents → images in [0, 1], float32, (B, 3, H, W), without gradient (see `decode`)."""
+    return decode(pipe, latents, dtype)
+
+
+def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Final float32 latents → images in [0, 1], float32, (B, 3, H, W), differentiable in the latents.
 
     As the published sampler decodes: under the sampling's autocast in `dtype` (fp16 in its recipe),
     mapped to [0, 1] in the decoder's output dtype, then widened.

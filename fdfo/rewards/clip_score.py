@@ -10,7 +10,7 @@ class ClipScore:
     """Scores images against their prompts with a CLIP model, in float32, through the model's own processor.
 
     Float images in [0, 1] (training) are used as they are; uint8 images (evaluation) are rescaled by
-    the processor, as the published evaluation does.
+    the processor, as the published evaluation does. Called without gradients, nothing is recorded.
     """
 
     def __init__(self, model: CLIPModel, processor, device: torch.device):
@@ -22,8 +22,9 @@ class ClipScore:
         return cls(CLIPModel.from_pretrained(model_id, dtype=torch.float32), AutoProcessor.from_pretrained(processor_id),
                    device)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Differentiable in float `images` where gradients are enabled: the processor's resize, crop and
+        normalisation are torch operations (transformers' torchvision backend)."""
         pixels = self.processor.image_processor(
             images=list(images.to(self.device)), do_rescale=not images.is_floating_point(), return_tensors="pt"
         )["pixel_values"].to(self.device, torch.float32)

@@ -43,13 +43,21 @@ class Reward:
                   and not getattr(term.scorer, "sharded", False)]
         return list({id(m): m for m in models}.values())  # the VLM questions share one VLM
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    def __call__(self, images: torch.Tensor, prompts: list[str], differentiable: bool = False) -> RewardOutput:
+        """The weighted sum and each term; with `differentiable`, with their gradient w.r.t. `images` (a gradient
+        method's loss), else without any."""
         check_images(images, prompts)
-        scores = {term.name: checked_scores(term.name, term.scorer(images, prompts), len(prompts)).to(images.device)
-                  for term in self.terms}  # a user's scorer may answer on the CPU
+        with torch.set_grad_enabled(differentiable):
+            scores = {term.name: checked_scores(term.name, term.scorer(images, prompts), len(prompts)).to(images.device)
+                      for term in self.terms}  # a user's scorer may answer on the CPU
+        for name, values in scores.items():
+            if differentiable and values.grad_fn is None:
+                raise RewardSpecError(f"The reward term `{name}` returned scores without a gradient (no grad_fn); a "
+                                      "gradient method needs a differentiable reward: write the scorer in torch "
+                                      "operations on the images, or use another --method.")
         total = sum(term.weight * scores[term.name] for term in self.terms)
-        for name, values in [*scores.items(), ("total", total)]:
+        scores = {name: values.detach() for name, values in scores.items()}  # logged; the gradient is the total's
+        for name, values in [*scores.items(), ("total", total.detach())]:
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             if bad:
                 raise FloatingPointError(

@@ -43,6 +43,8 @@ VLM_QUESTIONS = {
 }
 TRAIN_VLM_RESIZE = 504
 SCORER_NAMES = ("brightness", "compressibility", *CLIP_SCORERS, *VLM_QUESTIONS)
+# Scores without a gradient w.r.t. the image: a JPEG's size, and a VLM's answer to a question about a resized image.
+NOT_DIFFERENTIABLE = ("compressibility", *VLM_QUESTIONS)
 # The reward models that go with a random base model: tiny twins, or full-size random weights.
 TWINS = {"tiny": "tiny", "sd35m-random": "full"}
 
@@ -84,6 +86,15 @@ def reward_terms(preset: str, specs: tuple[str, ...]) -> list[tuple[str, float]]
     if preset not in PRESETS:
         raise RewardSpecError(f"Unknown reward preset `{preset}`; valid presets are: {', '.join(PRESETS)}.")
     return PRESETS[preset]
+
+
+def check_differentiable(terms: list[tuple[str, float]], method: str) -> None:
+    """A gradient method's reward terms must have a gradient (a user's scorer is checked at its first call)."""
+    for name, _ in terms:
+        if name in NOT_DIFFERENTIABLE:
+            raise RewardSpecError(f"The reward term `{name}` has no gradient w.r.t. the image, and --method {method} "
+                                  "back-propagates the reward: use differentiable terms (brightness, "
+                                  f"{', '.join(CLIP_SCORERS)}) or another --method.")
 
 
 def check_term(name: str) -> None:

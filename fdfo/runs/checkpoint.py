@@ -49,6 +49,7 @@ class TrainingState:
     grad_scaler: dict[str, Any]  # the fp16 recipe's GradScaler state_dict; empty without it
     ema_steps: int = 0  # updates of the EMA of the LoRA weights (in the checkpoint's ema/ folder); 0 without one
     forward_passes: int | None = None  # samples through the transformer on all ranks so far; None: not counted (older fdfo)
+    backward_passes: int | None = None  # of them, back-propagated; None: not counted (older fdfo)
 
 
 def checkpoint_dir(run_dir: Path, epochs_done: int) -> Path:
