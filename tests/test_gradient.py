@@ -15,6 +15,7 @@ from fdfo.model.sampler import sample_pairs
 from fdfo.model.sd3 import decode, encode_prompts
 from fdfo.rewards import Reward, RewardTerm
 from fdfo.rewards.brightness import brightness
+from fdfo.rewards.registry import RewardSpecError
 from tests.test_methods import epochs, small, weights
 
 
@@ -61,10 +62,16 @@ def test_the_directions_are_the_gradients_of_the_reward_through_the_chain(chain,
         assert (directions[:, 0] - directions[:, 3]).abs().max() > 1e-3 * directions[:, 3].abs().max()
 
 
-def test_row_j_refuses_a_churn_schedule_drawn_per_pair(tmp_path):
-    with pytest.raises(ConfigError, match="--grad.chain differentiates the churned steps with the raw schedule"):
-        train(parse_train_config([*small("fdfo_grad"), "--grad.chain", "--sample.churn-schedule", "prior",
-                                  "--runs-dir", str(tmp_path)]))
+@pytest.mark.parametrize("flags,error,message", [
+    (["--grad.chain", "--sample.churn-schedule", "prior"], ConfigError,
+     "--grad.chain differentiates the churned steps with the raw schedule"),
+    (["--reward", "brightness=1", "vlm_quality=1"], RewardSpecError,
+     "The reward term `vlm_quality` has no gradient w.r.t. the image, and --method fdfo_grad back-propagates"),
+])
+def test_what_cannot_work_is_refused_before_anything_loads(flags, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        train(parse_train_config([*small("fdfo_grad"), *flags, "--runs-dir", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())
 
 
 def test_row_j_counts_its_passes_and_resumes_bit_for_bit(tmp_path):
