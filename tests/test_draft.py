@@ -73,6 +73,7 @@ def test_draft_resumes_bit_for_bit(tmp_path):
     (["--draft.k", "5"], "--draft.k must be between 1 and the 4 sampling steps; got 5"),
     (["--draft.k", "2", "--draft.lv-samples", "2"], "DRaFT-LV .* needs --draft.k 1 .got 2"),
     (["--draft.kl-weight", "-1"], "--draft.kl-weight must be 0 or more"),
+    (["--draft.lv-samples", "2", "--draft.kl-weight", "1"], "DRaFT-LV .--draft.lv-samples. keeps none"),
     (["--reward", "brightness=1", "vlm_alignment=0.1"],
      "The reward term `vlm_alignment` has no gradient w.r.t. the image, and --method draft back-propagates"),
     (["--reward", "compressibility=1"], "`compressibility` has no gradient"),

@@ -10,7 +10,7 @@ from fdfo.cli import parse_train_config
 from fdfo.config import ConfigError
 from fdfo.formulas.gradient import time_weight, virtual_pair
 from fdfo.harness.training_loop import train
-from fdfo.methods.fdfo_grad import FdfoGrad
+from fdfo.methods.fdfo_grad import FdfoGrad, reward_gradient
 from fdfo.model.sampler import sample_pairs
 from fdfo.model.sd3 import decode, encode_prompts
 from fdfo.rewards import Reward, RewardTerm
@@ -47,7 +47,7 @@ def test_the_directions_are_the_gradients_of_the_reward_through_the_chain(chain,
     cond = encode_prompts(tiny_pipe, ["a cat"], 1.0, 16)
     traj = sample_pairs(tiny_pipe, cond, [torch.Generator().manual_seed(1)], num_steps=4, churn=0.0, resolution=32)
     learner = SimpleNamespace(pipe=tiny_pipe, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
-    directions = method.directions(learner, traj, cond, ["a cat"] * 2)
+    directions = method.directions(learner, traj, cond, ["a cat"] * 2, chunk=1)  # one sample at a time
     sigmas, both = traj.sigmas, cond.repeat_interleave(2)
     for t in range(4):
         x = (traj.inputs[:, t + 1] if chain and t < 3 else traj.final_latents).clone().requires_grad_(True)
@@ -87,3 +87,13 @@ def test_row_j_counts_its_passes_and_resumes_bit_for_bit(tmp_path):
     assert [r["transformer_forwards"] for r in epochs(resumed)] == [64 + 48 + 64, 2 * (64 + 48 + 64)]
     assert [r["transformer_backwards"] for r in epochs(resumed)] == [48 + 64, 2 * (48 + 64)]
     assert [r["reward_mean"] for r in epochs(resumed)] == [r["reward_mean"] for r in epochs(straight)]
+
+
+def test_the_reward_gradient_in_fp16_is_the_fp32_one(tiny_pipe):
+    # The fp16 recipe decodes under fp16 autocast: the reward is scaled before its backward pass (as a loss scaler
+    # does), so the decoder's small gradients (|g| ≤ 7e-4 here) keep their direction. Measured: cosine 0.9999.
+    learner = SimpleNamespace(pipe=tiny_pipe, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    full, half = (reward_gradient(learner, x, ["a", "b"], dtype) for dtype in (torch.float32, torch.float16))
+    assert torch.isfinite(half).all()
+    assert torch.nn.functional.cosine_similarity(full.flatten(), half.flatten(), dim=0) > 0.999

@@ -128,3 +128,9 @@ def test_what_cannot_work_is_refused_before_anything_loads(flags, message, tmp_p
     with pytest.raises(ConfigError, match=message):
         run(tmp_path, *flags)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_call_of_several_seeds_samples_with_cfg(tmp_path):
+    # The recipe's CFG 4.5, 4 seeds in one sampling call: the branches of several seeds take the guided ODE together.
+    run_dir = run(tmp_path, "--sample.guidance-scale", "4.5")
+    assert epochs(run_dir)[0]["transformer_forwards"] == 2 * (48 + 16 * 2 + 4 * 2)  # every pass twice under CFG

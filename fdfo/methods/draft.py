@@ -58,6 +58,9 @@ class Draft(Method):
                               f"and needs --draft.k 1 (got {d.k}); 0 turns it off.")
         if not d.kl_weight >= 0:
             raise ConfigError(f"--draft.kl-weight must be 0 or more; got {d.kl_weight}.")
+        if d.kl_weight and d.lv_samples:
+            raise ConfigError("--draft.kl-weight is DRaFT+'s penalty on the kept sampling steps, and DRaFT-LV "
+                              "(--draft.lv-samples) keeps none: use one of the two.")
         check_differentiable(self.terms, "draft")
 
     def epoch(self, learner: Learner, epoch: Epoch) -> tuple[EpochScores, TrainingItems]:

@@ -47,7 +47,8 @@ class FdfoGrad(Fdfo):
         with epoch.timer("gradient"):
             learner.reward_models.to_device()
             directions = torch.cat([self.directions(learner, traj, sampled.cond.take(torch.arange(k * per_call, (k + 1) * per_call)),
-                                                    [p for p in prompts[k * per_call:(k + 1) * per_call] for _ in range(2)])
+                                                    [p for p in prompts[k * per_call:(k + 1) * per_call] for _ in range(2)],
+                                                    epoch.plan.micro_batch)
                                     for k, traj in enumerate(trajs)])  # (2P, T, C, h, w)
             learner.reward_models.park()
             size = rms(endpoint_differences(torch.cat([t.final_latents for t in trajs])))  # the real pairs' |dx|
@@ -60,36 +61,55 @@ class FdfoGrad(Fdfo):
                                            partial(micro_batch_loss, learner, at=at, train=self.train))
         return self.scores(sampled, prompts), items
 
-    def directions(self, learner: Learner, traj: Trajectories, cond: PromptEmbeds, prompts: list[str]) -> torch.Tensor:
+    def directions(self, learner: Learner, traj: Trajectories, cond: PromptEmbeds, prompts: list[str],
+                   chunk: int) -> torch.Tensor:
         """Each sample's reward gradient for each step t, (2P, T, C, h, w): ∂R/∂x_T for every t (row I), or
         ∂R/∂x_{t+1}, the gradient w.r.t. the output of step t through the later steps of the sampling chain (row J,
-        under the sampling's LoRA and churn coefficients, the churn noise held fixed)."""
+        under the sampling's LoRA and churn coefficients, the churn noise held fixed), `chunk` samples at a time."""
         gradient = reward_gradient(learner, traj.final_latents, prompts, cond.embeds.dtype)
         T = traj.inputs.shape[1]
         if not self.grad.chain:
             return gradient[:, None].expand(-1, T, *gradient.shape[1:])
-        gammas, sigmas, cond = raw_gammas(T, self.sample.churn_weight), traj.sigmas, cond.repeat_interleave(2)
+        cond = cond.repeat_interleave(2)
+        return torch.cat([self.carried_back(learner, traj, cond.index(slice(i, i + chunk)), gradient[i:i + chunk],
+                                            slice(i, i + chunk)) for i in range(0, len(gradient), chunk)])
+
+    def carried_back(self, learner: Learner, traj: Trajectories, cond: PromptEmbeds, gradient: torch.Tensor,
+                     rows: slice) -> torch.Tensor:
+        """∂R/∂x_{t+1} for t = 0 … T−1 from ∂R/∂x_T, one vector-Jacobian product of a sampling step at a time:
+        ∂R/∂x_t = (∂x_{t+1}/∂x_t)ᵀ ∂R/∂x_{t+1}. Each product takes the adjoint at unit rms (it is linear), so that
+        an fp16 backward pass neither underflows nor overflows."""
+        T, sigmas = traj.inputs.shape[1], traj.sigmas
+        gammas = raw_gammas(T, self.sample.churn_weight)
         adjoint, out = gradient, [gradient]
-        for t in range(T - 1, 0, -1):  # ∂R/∂x_t = (∂x_{t+1}/∂x_t)ᵀ ∂R/∂x_{t+1}
-            x = traj.inputs[:, t].detach().requires_grad_(True)
+        for t in range(T - 1, 0, -1):
+            x = traj.inputs[rows, t].detach().requires_grad_(True)
+            size = rms(adjoint).clamp_min(torch.finfo(torch.float32).tiny).view(-1, *[1] * (adjoint.dim() - 1))
             with torch.enable_grad():
                 v = predict_velocity(learner.pipe.transformer, x, sigmas[t], cond, self.sample.guidance_scale)
                 fixed_noise = torch.zeros_like(x) if gammas[t + 1] > 0 else None
                 step = churned_euler_step(x, v.float(), sigmas[t], sigmas[t + 1], gammas[t + 1], fixed_noise)
-                (adjoint,) = torch.autograd.grad(step, x, grad_outputs=adjoint)
+                adjoint = torch.autograd.grad(step, x, grad_outputs=adjoint / size)[0] * size
             out.append(adjoint)
         return torch.stack(out[::-1], dim=1)
 
 
 def reward_gradient(learner: Learner, latents: torch.Tensor, prompts: list[str], dtype: torch.dtype) -> torch.Tensor:
     """∂R/∂x_T of each final latent, through the decoder and the reward, one image at a time (the decoder's
-    activations with gradient are large at 512 px)."""
+    activations with gradient are large at 512 px). In fp16 the reward is scaled before its backward pass, as a
+    loss scaler does (halved until the gradient is finite), so that the decoder's gradients do not underflow."""
     gradients = []
     for i in range(len(latents)):
         x = latents[i:i + 1].detach().requires_grad_(True)
         with torch.enable_grad():
-            reward = learner.reward(decode(learner.pipe, x, dtype), prompts[i:i + 1], differentiable=True).total
-            gradients.append(torch.autograd.grad(reward.sum(), x)[0])
+            reward = learner.reward(decode(learner.pipe, x, dtype), prompts[i:i + 1], differentiable=True).total.sum()
+        scale = 2.0 ** 16 if dtype == torch.float16 else 1.0
+        while True:
+            gradient = torch.autograd.grad(reward * scale, x, retain_graph=scale > 1)[0]
+            if scale <= 1 or torch.isfinite(gradient).all():
+                break
+            scale /= 2
+        gradients.append(gradient / scale)
     return torch.cat(gradients)
 
 

@@ -33,6 +33,7 @@ class RsmSignal:
 
     cond: PromptEmbeds  # one row per prompt of every rank
     sigmas: torch.Tensor  # (T + 1,)
+    sigma_max: float  # sigmas[1]: Flow-GRPO's stand-in for σ = 1 in the SDE's coefficient
     guidance_scale: float  # of the sampling, which training reproduces (CFG in both, as published)
     settings: RsmConfig
     k_mean: float  # k̄, the mean branch count of the branching steps
@@ -59,7 +60,7 @@ class Rsm(Method):
                               f"--sample.num-solver-steps {steps}): 0, or 2 or more (advantages compare a step's "
                               f"branches), at least one above 0; got {' '.join(map(str, r.branches))}.")
         anchors = r.branches.count(0)
-        if r.kl_anchor and anchors > self.branches_per_seed:
+        if r.kl_anchor and r.kl_weight > 0 and anchors > self.branches_per_seed:
             raise ConfigError(f"--rsm.branches has {anchors} steps without branches (KL anchors) and "
                               f"{self.branches_per_seed} branches per seed; each anchor rides on a branch row of its "
                               "seed: branch more, or --rsm.no-kl-anchor.")
@@ -117,7 +118,8 @@ class Rsm(Method):
             policy_scale, anchor_scale = (per_step_mean(order, rows, plan) for rows in (signal_rows, anchor_step >= 0))
             rows = [inputs, velocities, noise, advantages, weight, first_prompt + seed // r.seeds_per_prompt, step,
                     anchor_x, anchor_step, policy_scale, anchor_scale]
-            signal = RsmSignal(sampled.cond.gather(), batches[0].sigmas, self.sample.guidance_scale, r, k_mean)
+            sigmas = batches[0].sigmas
+            signal = RsmSignal(sampled.cond.gather(), sigmas, sigmas[1].item(), self.sample.guidance_scale, r, k_mean)
             items = TrainingItems(rows, order, partial(micro_batch_loss, learner, signal=signal))
         image_prompts = [p for call in calls for p in call.image_prompts]
         return EpochScores(rewards, {k: v[canonical] for k, v in sampled.scores.terms.items()},
@@ -159,7 +161,7 @@ def per_step_mean(order: torch.Tensor, selected: torch.Tensor, plan: BatchPlan) 
 def sde_means(learner: Learner, x: torch.Tensor, v_theta: torch.Tensor, step: torch.Tensor, cond: PromptEmbeds,
               signal: RsmSignal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SDE step's mean under the policy and under the base model at x, σ̃ and Δt: what the KL compares."""
-    sigmas, a, sigma_max = signal.sigmas, signal.settings.noise_level, signal.sigmas[1].item()
+    sigmas, a, sigma_max = signal.sigmas, signal.settings.noise_level, signal.sigma_max
     sigma, sigma_next = sigmas[step], sigmas[step + 1]
     v_ref = learner.reference_velocity(x, sigma, cond, signal.guidance_scale)
     zeros = torch.zeros_like(x)
@@ -177,7 +179,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
     cond = signal.cond.take(prompt)
     v_theta = predict_velocity(learner.model, x, sigmas[step], cond, signal.guidance_scale)
     sigma, dt = sigmas[step], sigmas[step] - sigmas[step + 1]
-    tilde_sigma = diffusion_coefficient(sigma, r.noise_level, sigmas[1].item())
+    tilde_sigma = diffusion_coefficient(sigma, r.noise_level, signal.sigma_max)
     policy_rows = hinge_matching_loss(v_theta, v_old, noise, advantages, sigma, dt, tilde_sigma, r.clip_range) * weight
     policy = (policy_rows * policy_scale).sum()
     kl = torch.zeros((), device=x.device)

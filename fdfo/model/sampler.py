@@ -221,7 +221,7 @@ def sample_branches(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
                 rows[name].append(value)
             live, live_seed = torch.cat([live, x_next]), torch.cat([live_seed, seed])
         if len(live):
-            v = predict_velocity(pipe.transformer, live, sigmas[j], cond.take(live_seed), guidance_scale)
+            v = predict_velocity(pipe.transformer, live, sigmas[j], cond.index(live_seed), guidance_scale)
             live = live + (sigmas[j + 1] - sigmas[j]) * v
     anchor_steps = [i for i in range(num_steps - 1) if branches[i] == 0]
     anchors = (torch.stack([states[i] for i in anchor_steps], dim=1).flatten(0, 1) if anchor_steps
