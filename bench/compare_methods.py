@@ -77,12 +77,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None,
+                        help="run these variants again and keep the others' curves (and the backward multiple) "
+                             "from the last results (the .json at --out): after a change to those methods alone")
     args = parser.parse_args()
-    multiple = backward_multiple()
+    kept = json.loads(args.out.with_suffix(".json").read_text()) if args.only else None
+    multiple = kept["backward_multiple"] if kept else backward_multiple()
     print(f"a backward pass costs {multiple:.2f} forward passes here", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for label, flags in VARIANTS.items():
+            if kept and label not in args.only:
+                results[label] = kept["results"][label]
+                continue
             results[label] = [run(flags, seed, args, Path(scratch) / f"{len(results)}-{seed}") for seed in args.seeds]
             print(f"{label}: done", flush=True)
 

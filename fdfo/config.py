@@ -115,6 +115,8 @@ class DiffusionNftConfig:
     timestep_fraction: float = 0.99  # int(T·this) of the T sampler noise levels, drawn per sample, are trained on
     decay_type: Literal[0, 1, 2] = 1  # the old policy's schedule η(step): 1 = min(0.001·step, 0.5)
     global_std: bool = True  # advantages divided by the std of all rewards (True, the recipe) or of the group's
+    solver: Literal["dpm2", "euler"] = "dpm2"  # the rollouts' ODE solver: the recipe's DPM-Solver++(2M) (`dpm2`), or Euler steps
+    integer_timesteps: bool = True  # the rollouts feed the transformer ⌊1000σ⌋ as an integer, as the published pipeline does
 
 
 @dataclass(frozen=True)

@@ -130,5 +130,7 @@ def test_the_method_recipes_are_the_published_defaults():
     assert grpo.gradient_steps_per_epoch == d["groups_per_epoch"] * d["group_size"] // (
         d["num_gpus"] * d["sample_batch_size"] * d["gradient_accumulation_steps"])
     nft = parse(TrainConfig, ["--method", "diffusion_nft"])
-    assert (nft.nft.beta, nft.nft.kl_weight, nft.nft.decay_type, nft.gradient_steps_per_epoch) == (
-        diffusion_nft.DEFAULTS["beta"], diffusion_nft.DEFAULTS["kl_weight"], diffusion_nft.DEFAULTS["decay_type"], 1)
+    assert (nft.nft.beta, nft.nft.kl_weight, nft.nft.decay_type, nft.gradient_steps_per_epoch, nft.nft.solver) == (
+        diffusion_nft.DEFAULTS["beta"], diffusion_nft.DEFAULTS["kl_weight"], diffusion_nft.DEFAULTS["decay_type"], 1,
+        diffusion_nft.DEFAULTS["solver"])
+    assert nft.nft.integer_timesteps  # its pipeline's torch.full(..., sigma * 1000, dtype=torch.long)

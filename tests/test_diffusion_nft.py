@@ -1,9 +1,14 @@
 import math
 
+import pytest
 import torch
 
-from fdfo.formulas.diffusion_nft import (DEFAULTS, adaptive_x0_loss, forward_noise, implicit_policies, lagged_update,
-                                nft_loss, old_policy_decay, optimality_weight, train_timestep_indices)
+from fdfo.formulas.diffusion_nft import (DEFAULTS, adaptive_x0_loss, dpm2_step, forward_noise, implicit_policies,
+                                         lagged_update, nft_loss, old_policy_decay, optimality_weight,
+                                         train_timestep_indices)
+from fdfo.model.sampler import flow_sigmas
+from fdfo.model.sd3 import PromptEmbeds, predict_velocity
+from fdfo.model.tiny import sd3_scheduler
 
 
 def lats(*rows):
@@ -127,3 +132,49 @@ def test_defaults_are_the_published_sd35m_pickscore_recipe():
     # 48 prompts × 24 images on 8 GPUs × 9 per batch → 16 batches, all accumulated into one optimiser step.
     batches = d["groups_per_epoch"] * d["group_size"] // (d["num_gpus"] * d["sample_batch_size"])
     assert batches == d["gradient_accumulation_steps"] == 16
+
+
+def test_the_dpm2_solver_by_hand():
+    # Levels 1, 0.8, 0.5, 0.2, 0; λ = log((1 − σ)/σ): −∞, −log 4, 0, log 4. Step 0 is DDIM: x' = (1 − t)·x̂0 + t·x.
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    one = lambda v: torch.tensor([v])  # noqa: E731
+    torch.testing.assert_close(dpm2_step(one(2.0), one(1.0), None, sigmas, 0), one(0.2 * 1.0 + 0.8 * 2.0))
+    # Step 1 (0.8 → 0.5): λ(σ_0) = −∞ makes r0 = ∞ and the correction 0: x' = (t/s)·x − (1 − t)(e^−h − 1)·x̂0, e^−h = 1/4.
+    torch.testing.assert_close(dpm2_step(one(1.0), one(0.5), one(0.3), sigmas, 1), one(0.625 * 1.0 + 0.5 * 0.75 * 0.5))
+    # Step 2 (0.5 → 0.2): h = h_0 = log 4, r0 = 1: x' = 0.4·x + 0.6·x̂0 + 0.3·(x̂0 − x̂0_prev).
+    torch.testing.assert_close(dpm2_step(one(1.0), one(0.5), one(0.7), sigmas, 2), one(0.4 + 0.3 - 0.06))
+    # The last step is DDIM to σ = 0: x' = x̂0.
+    torch.testing.assert_close(dpm2_step(one(0.3), one(0.25), one(0.5), sigmas, 3), one(0.25))
+
+
+def test_the_dpm2_solver_is_second_order_on_the_sd3_grid():
+    # Gaussian data N(0, 1): the exact velocity is linear, the exact ODE takes x(1) to x(0) = x(1). Doubling the
+    # steps divides Euler's error by 2 and dpm2's by 4 (measured: 40 → 80 steps, 2.0× and 4.6×).
+    def solve(steps, solver):
+        sigmas = flow_sigmas(sd3_scheduler(), steps, torch.device("cpu")).double()
+        x, previous = torch.ones(1, dtype=torch.float64), None
+        for i in range(steps):
+            s = sigmas[i]
+            v = (x - (1 - s) / ((1 - s) ** 2 + s ** 2) * x) / s
+            if solver == "euler":
+                x = x + (sigmas[i + 1] - s) * v
+            else:
+                x0 = x - s * v
+                x, previous = dpm2_step(x, x0, previous, sigmas, i), x0
+        return (x - 1).abs().item()
+    assert 1.8 < solve(40, "euler") / solve(80, "euler") < 2.2
+    assert solve(40, "dpm2") / solve(80, "dpm2") > 3.5
+
+
+def test_diffusion_nfts_rollouts_feed_integer_timesteps():
+    # Its pipeline: torch.full(..., sigma * 1000, dtype=torch.long), 960 at σ = 0.960129.
+    seen = []
+
+    def transformer(hidden_states, timestep, **kwargs):
+        seen.append(timestep)
+        return (torch.zeros_like(hidden_states),)
+    cond = PromptEmbeds(torch.zeros(1, 2, 4), torch.zeros(1, 4), None, None)
+    for integer in (True, False):
+        predict_velocity(transformer, torch.zeros(1, 4, 2, 2), torch.tensor(0.960129), cond, 1.0, integer_timestep=integer)
+    assert seen[0].dtype == torch.long and seen[0].tolist() == [960]
+    assert seen[1].dtype == torch.float32 and seen[1].item() == pytest.approx(960.129, abs=1e-3)

@@ -125,6 +125,8 @@ def test_a_checkpoint_of_main_7dee980_resumes_without_phantom_changes(method, tm
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in after)
     if method == "diffusion_nft":  # its old policy came back from old_policy/ and was saved again
         assert weights(run_dir, 2, "old_policy").keys() == after.keys()
+        nft = json.loads((run_dir / "config.json").read_text())["config"]["nft"]
+        assert (nft["solver"], nft["integer_timesteps"]) == ("euler", False)  # as it ran before they were settings
 
 
 def test_every_method_is_registered_the_same_way():

@@ -138,3 +138,22 @@ DEFAULTS = {
     "ema_decay": 0.9,  # scripts/train_nft_sd3.py EMAModuleWrapper(decay=0.9, update_step_interval=1), eval only
     "mixed_precision": "fp16",  # config/base.py
 }
+
+
+def dpm2_step(x: torch.Tensor, x0: torch.Tensor, x0_previous: torch.Tensor | None, sigmas: torch.Tensor,
+              i: int) -> torch.Tensor:
+    """Step i of DiffusionNFT's rollout solver `dpm2` (its flow_grpo/diffusers_patch/solver.py `dpm_step`, order 2):
+    multistep DPM-Solver++(2M) in x0 form on the levels σ_0 = 1 > … > σ_T = 0, from x̂0 = x − σ_i·v of this step
+    and the last. The first and the last step are DDIM steps (η = 0): x' = (1 − t)·x̂0 + t·(x − (1 − s)·x̂0)/s;
+    the others second order in λ = log((1 − σ)/σ), where step 1's λ(σ_0 = 1) = −∞ makes it first order.
+    Coefficients in float64, as published; x, x̂0 float32."""
+    s64, last = sigmas.to(torch.float64), len(sigmas) - 2
+    if i == 0 or i == last:
+        t, s = s64[i + 1], s64[i]
+        noise = (x - (1 - s) * x0) / s
+        return (1 - t) * x0 + t * noise  # theirs: sqrt(t² − ρ²) with ρ = η·… = 0, exactly t
+    t, s0, s1 = s64[i + 1], s64[i], s64[i - 1]
+    log_snr = lambda sigma: torch.log(1 - sigma) - torch.log(sigma)  # noqa: E731
+    h, h_0 = log_snr(t) - log_snr(s0), log_snr(s0) - log_snr(s1)
+    d1 = (1.0 / (h_0 / h)) * (x0 - x0_previous)
+    return (t / s0) * x - ((1 - t) * (torch.exp(-h) - 1.0)) * x0 - 0.5 * ((1 - t) * (torch.exp(-h) - 1.0)) * d1

@@ -38,7 +38,8 @@ class DiffusionNft(GroupMethod):
             learner.copies[OLD_POLICY] = [lagged_update(old, p.detach(), decay)
                                           for old, p in zip(learner.copies[OLD_POLICY], trainable(learner.lora))]
         with swapped_in(learner.lora, learner.copies[OLD_POLICY]):
-            groups = sample_groups(learner, epoch, self.sample, self.seed, nft.group_size, noise_level=0.0)
+            groups = sample_groups(learner, epoch, self.sample, self.seed, nft.group_size, noise_level=0.0,
+                                   solver=nft.solver, integer_timesteps=nft.integer_timesteps)
             with epoch.timer("old_policy"):
                 x_t, sigma, v_old = self.old_policy_items(learner, groups, epoch.plan.micro_batch, epoch.index)
         with epoch.timer("share"):

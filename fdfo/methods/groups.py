@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -95,9 +95,10 @@ class GroupMethod(Method):
 
 
 def sample_groups(learner: Learner, epoch: Epoch, sample: SampleConfig, seed: int, group_size: int,
-                  noise_level: float) -> Groups:
+                  noise_level: float, **solver: Any) -> Groups:
     """This rank's images of the epoch, each from its own seeded noise: global groups rank·G_r … , one prompt each
-    (the stream's prompt at the group's position), `group_size` images per group, scored."""
+    (the stream's prompt at the group's position), `group_size` images per group, scored; `solver`: the ODE's
+    options of `sample_rollouts`."""
     plan, device = epoch.plan, learner.pipe.transformer.device
     images = 2 * plan.pairs_per_rank
     first_image, groups_per_rank = distributed.rank() * images, images // group_size
@@ -111,7 +112,7 @@ def sample_groups(learner: Learner, epoch: Epoch, sample: SampleConfig, seed: in
                           image_prompts[b:b + 2 * plan.sampling_batch])
              for b in range(0, images, 2 * plan.sampling_batch)]
     sampler = partial(sample_rollouts, num_steps=sample.num_solver_steps, noise_level=noise_level,
-                      guidance_scale=sample.guidance_scale, resolution=sample.resolution)
+                      guidance_scale=sample.guidance_scale, resolution=sample.resolution, **solver)
     sampled = sample_and_score(learner, group_prompts, calls, sampler, sample, plan.sampling_batch, epoch.timer,
                                f"epoch {epoch.index} sampling")
     batches, cat = sampled.batches, torch.cat

@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from fdfo.formulas.churn import raw_gammas
+from fdfo.formulas.diffusion_nft import dpm2_step
 from fdfo.formulas.flow_grpo import sde_step, step_log_prob
 from fdfo.model.sd3 import PromptEmbeds, decode_latents, latent_shape, predict_velocity
 
@@ -149,18 +150,25 @@ class Rollouts:
 @torch.no_grad()
 def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
                     num_steps: int, noise_level: float, guidance_scale: float = 1.0,
-                    resolution: int | None = None) -> Rollouts:
+                    resolution: int | None = None, solver: str = "euler", integer_timesteps: bool = False
+                    ) -> Rollouts:
     """One trajectory per row of `cond`, each from its own generator: Flow-GRPO's marginal-preserving SDE with
-    `noise_level` a > 0 (with the log-density of every step), or the Euler ODE with a = 0."""
+    `noise_level` a > 0 (with the log-density of every step), or the ODE with a = 0, by Euler steps or by
+    DiffusionNFT's `dpm2` solver. `integer_timesteps`: the transformer sees ⌊1000σ⌋, as DiffusionNFT's pipeline
+    feeds it."""
     device = cond.embeds.device
     shape = latent_shape(pipe, resolution)
     sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
     sigma_max = sigmas[1].item()  # Flow-GRPO's stand-in for σ = 1 in the SDE's coefficient
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
-    inputs, log_probs = [], []
+    inputs, log_probs, x0_previous = [], [], None
     for i in range(num_steps):
-        v = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale)
+        v = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale, integer_timestep=integer_timesteps)
         inputs.append(x)
+        if noise_level == 0 and solver == "dpm2":
+            x0 = x - sigmas[i] * v
+            x, x0_previous = dpm2_step(x, x0, x0_previous, sigmas, i), x0
+            continue
         if noise_level == 0:
             x = x + (sigmas[i + 1] - sigmas[i]) * v
             continue

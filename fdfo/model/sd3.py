@@ -69,16 +69,18 @@ def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], guidance_
 
 
 def predict_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
-                     guidance_scale: float, detach_uncond: bool = False) -> torch.Tensor:
+                     guidance_scale: float, detach_uncond: bool = False, integer_timestep: bool = False
+                     ) -> torch.Tensor:
     """v(x, σ) in float32, with classifier-free guidance when guidance_scale ≠ 1.
 
     The compute dtype is that of the prompt embeddings (cast to it by the caller; fp16 over bf16 weights
     in the published recipe), under autocast, so that sampling and training run the very same numerics
     and the ratio ρ starts at exactly 1. `detach_uncond`: no gradient through the empty prompt's velocity
-    (Flow-GRPO's training).
+    (Flow-GRPO's training). `integer_timestep`: the transformer sees ⌊1000σ⌋ as an integer (DiffusionNFT's
+    rollouts).
     """
     dtype = cond.embeds.dtype
-    timestep = (1000 * sigma).to(torch.float32).expand(x.shape[0])
+    timestep = (1000 * sigma).to(torch.long if integer_timestep else torch.float32).expand(x.shape[0])
     embeds, pooled, hidden = cond.embeds, cond.pooled, x.to(dtype)
     use_cfg = guidance_scale != 1.0
     if use_cfg:

@@ -53,11 +53,24 @@ def checkpoint_to_resume(resume_from: Path) -> Path:
     return find_checkpoint(resume_from)
 
 
+# What a run of an older fdfo did where a setting added since has another default: it resumes doing the same.
+OLDER_VALUES = {"nft.solver": "euler", "nft.integer_timesteps": False}  # before DiffusionNFT's own solver (2026-12-02)
+
+
 def resumed_settings(resume_from: Path) -> tuple[Path, dict[str, Any]]:
     """(checkpoint, its run's settings), the defaults of a resumed run's configuration."""
     checkpoint = checkpoint_to_resume(resume_from)
-    settings = read_settings(checkpoint)
+    settings = with_older_values(read_settings(checkpoint))
     return checkpoint, {k: v for k, v in settings.items() if k not in ("config", "resume_from", "dry_run")}
+
+
+def with_older_values(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with OLDER_VALUES where an older fdfo wrote none."""
+    settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    for name, value in OLDER_VALUES.items():
+        section, key = name.split(".")
+        settings.setdefault(section, {}).setdefault(key, value)
+    return settings
 
 
 def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int) -> Resume:
@@ -65,7 +78,7 @@ def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int) -
     checkpoint = checkpoint_to_resume(resume_from)
     state = load_state(checkpoint)
     check_adapter(checkpoint)
-    changes = setting_changes(read_settings(checkpoint), settings)
+    changes = setting_changes(with_older_values(read_settings(checkpoint)), settings)
     for name, reason in FIXED.items():
         if name in changes:
             old, new = changes[name]
