@@ -73,6 +73,25 @@ def step_inputs(device: torch.device):
     return x, cond, sigma, rows, d, dR, shift
 
 
+def step_calls(lora, inputs, compute_dtype: torch.dtype, scale: float = 1.0):
+    """(sample, train_step) on `step_inputs`: a sampling batch's velocities, and a training micro-batch's surrogate
+    terms and LoRA gradient off reference velocities `v_ref`, the loss multiplied by `scale` (fp16's loss scale)."""
+    x, cond, sigma, rows, d, dR, _ = inputs
+    c = cond.to(compute_dtype)
+
+    def sample():
+        with torch.no_grad():
+            return predict_velocity(lora.base_model.model, x, sigma, c, 1.0)
+
+    def train_step(v_ref):
+        lora.zero_grad(set_to_none=True)
+        v = predict_velocity(lora.base_model.model, x[rows], sigma.expand(len(rows)), c.index(rows), 1.0)
+        terms = surrogate_loss(v, v_ref, d, dR, clip_range=0.03)
+        (scale * terms.loss).backward()
+        return terms, torch.cat([p.grad.flatten() for p in lora.parameters() if p.requires_grad]) / scale
+    return sample, train_step
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -80,18 +99,9 @@ def main():
     device = torch.device("cuda")
     transformer, lora = sd35m_with_lora(device)
 
-    x, cond, sigma, rows, d, dR, shift = step_inputs(device)
-
-    def sample():
-        with torch.no_grad():
-            return predict_velocity(transformer, x, sigma, cond, 1.0)
-
-    def train_step(v_ref):
-        lora.zero_grad(set_to_none=True)
-        v = predict_velocity(transformer, x[rows], sigma.expand(6), cond.index(rows), 1.0)
-        terms = surrogate_loss(v, v_ref, d, dR, clip_range=0.03)
-        terms.loss.backward()
-        return terms, torch.cat([p.grad.flatten() for p in lora.parameters() if p.requires_grad])
+    inputs = step_inputs(device)
+    rows, dR, shift = inputs[3], inputs[5], inputs[6]
+    sample, train_step = step_calls(lora, inputs, torch.bfloat16)
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     paths = {}

@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.numerics import first_call_s, sd35m_with_lora, step_inputs, timed_ms  # noqa: E402
+from bench.numerics import first_call_s, sd35m_with_lora, step_calls, step_inputs, timed_ms  # noqa: E402
 from fdfo.model.compile import compile_blocks  # noqa: E402
-from fdfo.formulas.estimator import surrogate_loss  # noqa: E402
 from fdfo.model.loading import training_dtypes  # noqa: E402
-from fdfo.model.sd3 import predict_velocity  # noqa: E402
 
 
 def main():
@@ -35,27 +33,12 @@ def main():
     device = torch.device("cuda")
     base, lora_bf16 = sd35m_with_lora(device)
 
-    x, cond, sigma, rows, d, dR, shift = step_inputs(device)
-
-    def measure(lora, compute_dtype, scale=1.0):
-        c = cond.to(compute_dtype)
-
-        def sample():
-            with torch.no_grad():
-                return predict_velocity(lora.base_model.model, x, sigma, c, 1.0)
-
-        def train_step(v_ref):
-            lora.zero_grad(set_to_none=True)
-            v = predict_velocity(lora.base_model.model, x[rows], sigma.expand(6), c.index(rows), 1.0)
-            terms = surrogate_loss(v, v_ref, d, dR, clip_range=0.03)
-            (scale * terms.loss).backward()
-            grads = torch.cat([p.grad.flatten() for p in lora.parameters() if p.requires_grad]) / scale
-            return terms, grads
-        return sample, train_step
+    inputs = step_inputs(device)
+    rows, shift = inputs[3], inputs[6]
 
     # Reference: an fp32 copy of the same weights, plain PyTorch (timed too: the fp32 row).
     lora_fp32 = copy.deepcopy(lora_bf16).float()
-    sample, train_step = measure(lora_fp32, torch.float32)
+    sample, train_step = step_calls(lora_fp32, inputs, torch.float32)
     v_ref32 = sample()
     ref_terms, ref_grads = train_step(v_ref32[rows] + shift)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -67,7 +50,7 @@ def main():
     for precision in ("fp16", "bf16"):
         weights, compute = training_dtypes(precision, device)
         scale = 65536.0 if compute == torch.float16 else 1.0  # GradScaler's initial scale
-        sample, train_step = measure(lora_bf16, compute, scale)
+        sample, train_step = step_calls(lora_bf16, inputs, compute, scale)
         compile_s = {"sampling_graphs": first_call_s(sample)}
         v = sample()
         compile_s["training_graphs"] = first_call_s(lambda: train_step(v[rows]))

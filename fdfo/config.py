@@ -170,7 +170,9 @@ class TrainConfig:
     lora_rank: int = 32  # LoRA rank r
     lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
     seed: int = 6  # seed of prompts, noise, shuffles and LoRA init
-    ema_decay: float | None = None  # keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; warm-up (1 + n)/(10 + n) as diffusers' EMAModel), saved in each checkpoint's ema/ folder; None = no EMA, as in the paper
+    ema_decay: float | None = None  # keep an exponential moving average of the LoRA weights with this decay, by the baselines' published rule: after step s, d = min(decay, (1 + s)/(10 + s)); saved in each checkpoint's ema/ folder; None = no EMA, as in the FDFO paper
+    ema_interval: int = 1  # update the EMA after the optimiser steps s with (s + 1) a multiple of this (Flow-GRPO's recipe: 8)
+    ema_repeats: int = 1  # updates each time, at the same weights (Flow-GRPO's code updates once per sampling batch of a GPU: 2 a step at its 32-GPU recipe)
     save_freq: int = 5  # write a checkpoint every this many epochs
     run_name: str | None = None  # run folder suffix; None = `<reward_preset or the --reward terms>-cfg_<guidance with . as p>`
     runs_dir: Path = Path("runs")  # parent of the run folders `<5-digit id>-<run name>/`
@@ -196,13 +198,18 @@ class TrainConfig:
         return f"{method}{reward}-cfg_{str(float(self.sample.guidance_scale)).replace('.', 'p')}"
 
 
+ProtocolName = Literal["auto", "fdfo", "flow_grpo", "diffusion_nft"]
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Image grids from a checkpoint: `python generate.py --checkpoint CKPT --out out.jpg`."""
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder, `hf:<org>/<repo>/<subdir>` or a Hub tree URL; None = base model
-    ema: bool = False  # use the checkpoint's EMA weights (a run trained with --ema-decay)
+    protocol: ProtocolName = "auto"  # whose published sampling settings fill those left unset: auto = those of the checkpoint's method (fdfo/evaluation/method_protocol.py)
+    ema: bool = False  # use the checkpoint's EMA weights (a run trained with --ema-decay); Flow-GRPO's and DiffusionNFT's protocols use them where present
+    own_weights: bool = False  # use the checkpoint's own weights where its protocol would take the EMA
     out: Path = Path("out.jpg")  # output image (JPEG quality 95; PNG by extension)
     prompts: Path | None = None  # prompt file, one a line; None = prompt_sets/generate_default.txt
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
@@ -210,10 +217,11 @@ class GenerateConfig:
     grid_cols: int = 2  # image columns per prompt
     seed: int = 0  # seed of the first image; image i of the grid (prompt-major) uses seed + i, as published
     resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
-    num_solver_steps: int = 40  # Euler steps
-    guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
+    num_solver_steps: int | None = None  # Euler steps; None = the protocol's (40)
+    guidance_scale: float | None = None  # classifier-free guidance weight, 1.0 = no CFG; None = the protocol's (FDFO 1.0, Flow-GRPO 4.5, DiffusionNFT 1.0)
+    integer_timesteps: bool | None = None  # feed the transformer ⌊1000σ⌋ as an integer; None = the protocol's (DiffusionNFT's pipeline does)
     batch_size: int = 4  # images per forward batch
-    max_sequence_length: int = 256  # T5 tokens of the prompt (the pipeline's default, as published; training uses 128)
+    max_sequence_length: int | None = None  # T5 tokens of the prompt; None = the protocol's (FDFO 256, the pipeline's default; Flow-GRPO and DiffusionNFT 128)
     precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
 
@@ -233,7 +241,7 @@ class ExportConfig:
 MetricName = Literal[
     "pickscore", "hpsv2", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo", "dreamsim_diversity"
 ]
-PromptSetName = Literal["pickscore_train", "hpdv2"]
+PromptSetName = Literal["pickscore_train", "pickscore_test", "hpdv2"]
 
 
 @dataclass(frozen=True)
@@ -242,9 +250,11 @@ class MetricsConfig:
 
     config: Path | None = None  # TOML file of settings; flags given on the command line win
     checkpoint: str | None = None  # local folder, run folder, `hf:<org>/<repo>/<subdir>` or a Hub tree URL; None = base model
-    ema: bool = False  # evaluate the checkpoint's EMA weights (a run trained with --ema-decay)
-    prompt_set: PromptSetName = "hpdv2"  # prompts to evaluate on
-    num_prompts: int = 500  # prompts kept after shuffling (capped at the set's size)
+    protocol: ProtocolName = "auto"  # whose published evaluation fills the settings left unset: auto = that of the checkpoint's method (fdfo/evaluation/method_protocol.py)
+    ema: bool = False  # evaluate the checkpoint's EMA weights (a run trained with --ema-decay); Flow-GRPO's and DiffusionNFT's protocols use them where present
+    own_weights: bool = False  # evaluate the checkpoint's own weights where its protocol would take the EMA
+    prompt_set: PromptSetName | None = None  # prompts to evaluate on; None = the protocol's (FDFO hpdv2, Flow-GRPO and DiffusionNFT pickscore_test)
+    num_prompts: int | None = None  # prompts kept after shuffling (capped at the set's size); None = the protocol's (500; 2,048)
     num_repeats: int = 1  # images per prompt (dreamsim_diversity needs ≥ 2)
     metrics: tuple[MetricName, ...] = ("pickscore",)  # metrics to compute
     prompt_seed: int = 0  # seed of the prompt shuffle
@@ -252,10 +262,11 @@ class MetricsConfig:
     pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM metrics
     resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
-    num_solver_steps: int = 40  # Euler steps
-    guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
+    num_solver_steps: int | None = None  # Euler steps; None = the protocol's (40)
+    guidance_scale: float | None = None  # classifier-free guidance weight, 1.0 = no CFG; None = the protocol's (FDFO 1.0, Flow-GRPO 4.5, DiffusionNFT 1.0)
+    integer_timesteps: bool | None = None  # feed the transformer ⌊1000σ⌋ as an integer; None = the protocol's (DiffusionNFT's pipeline does)
     batch_size: int = 4  # images per forward batch
-    max_sequence_length: int = 256  # T5 tokens of the prompt (the pipeline's default, as published; training uses 128)
+    max_sequence_length: int | None = None  # T5 tokens of the prompt; None = the protocol's (FDFO 256, the pipeline's default; Flow-GRPO and DiffusionNFT 128)
     out: Path | None = None  # JSON file for the results, with the config and elapsed time
     precision: EvalPrecision = "auto"  # dtype of the plain pipeline; auto = bf16 on GPU (as published), fp32 on CPU
 
@@ -270,6 +281,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     t, sample = cfg.train, cfg.sample
     for flag, value in [("--num-epochs", cfg.num_epochs), ("--total-pairs-per-epoch", cfg.total_pairs_per_epoch),
                         ("--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch), ("--lora-rank", cfg.lora_rank),
+                        ("--ema-interval", cfg.ema_interval), ("--ema-repeats", cfg.ema_repeats),
                         ("--lora-alpha", cfg.lora_alpha), ("--save-freq", cfg.save_freq),
                         ("--sample.num-solver-steps", sample.num_solver_steps),
                         ("--sample.max-sequence-length", sample.max_sequence_length)]:
@@ -341,10 +353,18 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     for flag, value in [("--grid-rows", cfg.grid_rows), ("--grid-cols", cfg.grid_cols), ("--batch-size", cfg.batch_size),
                         ("--num-solver-steps", cfg.num_solver_steps),
                         ("--max-sequence-length", cfg.max_sequence_length)]:
-        require(value >= 1, f"{flag} must be at least 1; got {value}.")
-    check_resolution(cfg.resolution, "--resolution")
-    require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
+        require(value is None or value >= 1, f"{flag} must be at least 1; got {value}.")
+    check_sampling(cfg)
     check_image_out(cfg.out)
+
+
+def check_sampling(cfg: GenerateConfig | MetricsConfig) -> None:
+    """What generate.py and metrics.py share: the image size, the guidance, which weights."""
+    check_resolution(cfg.resolution, "--resolution")
+    require(cfg.guidance_scale is None or cfg.guidance_scale >= 0, f"--guidance-scale must be 0 or more (1 = no "
+                                                                   f"guidance); got {cfg.guidance_scale}.")
+    require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
+    require(not (cfg.ema and cfg.own_weights), "--ema and --own-weights contradict each other: give one.")
 
 
 def check_export_config(cfg: ExportConfig) -> None:
@@ -357,11 +377,10 @@ def check_metrics_config(cfg: MetricsConfig) -> None:
     for flag, value in [("--num-prompts", cfg.num_prompts), ("--num-repeats", cfg.num_repeats),
                         ("--batch-size", cfg.batch_size), ("--num-solver-steps", cfg.num_solver_steps),
                         ("--max-sequence-length", cfg.max_sequence_length)]:
-        require(value >= 1, f"{flag} must be at least 1; got {value}.")
+        require(value is None or value >= 1, f"{flag} must be at least 1; got {value}.")
     require("dreamsim_diversity" not in cfg.metrics or cfg.num_repeats >= 2,
             "dreamsim_diversity compares the repeats of a prompt: give --num-repeats 2 or more.")
-    check_resolution(cfg.resolution, "--resolution")
-    require(not cfg.ema or cfg.checkpoint is not None, "--ema uses a checkpoint's EMA weights: give --checkpoint too.")
+    check_sampling(cfg)
     if cfg.out is not None:
         check_writable(cfg.out)
 

@@ -119,6 +119,8 @@ def test_the_method_recipes_are_the_published_defaults():
             published["guidance_scale"], published["learning_rate"], published["adam_weight_decay"],
             published["adam_eps"], published["max_grad_norm"], published["adam_betas"], published["lora_rank"],
             published["lora_alpha"]), method
+        assert (cfg.ema_decay, cfg.ema_interval, cfg.ema_repeats) == (
+            published["ema_decay"], published["ema_interval"], published["ema_repeats"]), method
         settings = getattr(cfg, own)
         for name in ("group_size", "adv_clip_max", "global_std", "timestep_fraction"):
             assert getattr(settings, name) == published[name], (method, name)

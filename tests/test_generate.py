@@ -8,10 +8,12 @@ from PIL import Image
 
 from fdfo.runs.checkpoint import CheckpointError, find_checkpoint
 from fdfo.cli import parse, parse_train_config
-from fdfo.config import ConfigError, GenerateConfig
+from fdfo.config import ConfigError, GenerateConfig, MetricsConfig
 from fdfo.runs.ema import EmaMissingError
 from fdfo.evaluation.generate import generate
-from fdfo.evaluation.images import image_noise, to_uint8
+from fdfo.evaluation.images import generate_images, image_noise, to_uint8
+from fdfo.evaluation.metrics import evaluate
+from fdfo.evaluation.method_protocol import apply_protocol
 from fdfo.evaluation.grid import grid_size, make_grid
 from fdfo.runs.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
 from fdfo.model.lora import LoraLoadError, attach_lora_from, lora_config
@@ -77,7 +79,7 @@ def test_uint8_conversion_is_the_published_one():
 
 
 def test_generation_defaults_to_the_pipelines_t5_length_and_the_published_seeds(tmp_path, monkeypatch):
-    assert parse(GenerateConfig, []).max_sequence_length == 256
+    assert apply_protocol(parse(GenerateConfig, []), None)[0].max_sequence_length == 256  # FDFO: the pipeline's
     # As published, image i of the grid (prompt-major) starts from seed + i: prompt 2's images are 14 and 15.
     calls = {}
 
@@ -130,3 +132,38 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     get_peft_model(wider, lora_config(4, 8)).save_pretrained(tmp_path / "wide")
     with pytest.raises(LoraLoadError, match="of another shape"):
         attach_lora_from(random_pipeline("tiny").transformer, tmp_path / "wide")
+
+
+def test_integer_timesteps_feed_the_transformer_what_diffusionnfts_pipeline_feeds_it():
+    # Its pipeline: torch.full(..., sigma * 1000, dtype=torch.long) for each σ of the scheduler's grid.
+    pipe = random_pipeline("tiny")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    prompts, seeds = ["a red cube", "a blue sphere"], [0, 1]
+    with_float = generate_images(pipe, prompts, seeds, 6, 1.0, None, 16, batch_size=2)
+    with_integer = generate_images(pipe, prompts, seeds, 6, 1.0, None, 16, batch_size=2, integer=True)
+    pipe.scheduler.set_timesteps(6)
+    published = [torch.full([2], sigma * 1000, dtype=torch.long) for sigma in pipe.scheduler.sigmas.float()[:-1]]
+    assert all(t.dtype == torch.float32 for t in seen[:6]) and any(t.frac().abs().max() > 0.1 for t in seen[:6])
+    assert [t.dtype for t in seen[6:]] == [torch.long] * 6
+    assert all(torch.equal(t, p) for t, p in zip(seen[6:], published, strict=True))
+    assert not torch.equal(with_float, with_integer)
+    assert len(pipe.transformer._forward_pre_hooks) == 1  # ours is removed again
+
+
+def test_a_diffusion_nft_run_is_evaluated_with_its_protocol_from_its_ema(tmp_path, capsys):
+    # The recipe keeps DiffusionNFT's EMA; metrics.py then evaluates it as published: EMA weights, 128 T5 tokens,
+    # integer timesteps (the tiny model's offline prompts stand in for pickscore_test).
+    run_dir = train(parse_train_config(["--pretrained-model", "tiny", "--method", "diffusion_nft",
+                                        "--total-pairs-per-epoch", "8", "--num-epochs", "1", "--nft.group-size", "4",
+                                        "--sample.num-solver-steps", "2", "--runs-dir", str(tmp_path)]))
+    checkpoint = find_checkpoint(run_dir)
+    assert (checkpoint / "ema").is_dir()
+    report = evaluate(parse(MetricsConfig, ["--pretrained-model", "tiny", "--checkpoint", str(run_dir),
+                                            "--num-prompts", "2", "--num-solver-steps", "2", "--resolution", "32"]))
+    assert report["checkpoint"] == str(checkpoint / "ema")
+    assert (report["config"]["protocol"], report["config"]["max_sequence_length"], report["config"]["prompt_set"],
+            report["config"]["integer_timesteps"], report["config"]["guidance_scale"]) == (
+        "diffusion_nft", 128, "pickscore_test", True, 1.0)
+    assert "Evaluating with diffusion_nft's protocol (DiffusionNFT's scripts/train_nft_sd3.py eval_fn(); the " \
+           "checkpoint's method, diffusion_nft)" in capsys.readouterr().out

@@ -57,7 +57,8 @@ def test_the_directions_are_the_gradients_of_the_reward_through_the_chain(chain,
                 hidden_states=y, timestep=(1000 * sigmas[i]).expand(2), encoder_hidden_states=both.embeds,
                 pooled_projections=both.pooled, return_dict=False)[0]
         (expected,) = torch.autograd.grad(brightness(decode(tiny_pipe, y, torch.float32), []).sum(), x)
-        torch.testing.assert_close(directions[:, t], expected, rtol=1e-4, atol=1e-9)
+        scale = expected.abs().max().item()  # rounding noise measured at ≤ 2.6e-6 of it (1, 2 threads; AVX2, AVX-512)
+        torch.testing.assert_close(directions[:, t], expected, rtol=1e-4, atol=2e-5 * scale)
     if chain:  # the chain matters: the last step's gradient is not the first's
         assert (directions[:, 0] - directions[:, 3]).abs().max() > 1e-3 * directions[:, 3].abs().max()
 

@@ -1,4 +1,6 @@
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,10 @@ from fdfo.cli import parse
 from fdfo.config import ConfigError, MetricsConfig
 from fdfo.evaluation.protocol import (DINO_COMMIT, diversity, image_seed, load_dreamsim, rank_prompt_indices, select_prompts,
                              summarise)
+from fdfo.evaluation import protocol
 from fdfo.evaluation.metrics import evaluate
+from fdfo.evaluation.protocol import PICKSCORE_TEST_SHA256
+from fdfo.evaluation.method_protocol import apply_protocol
 from tests.conftest import ROOT, torchrun
 
 SMALL = ["--pretrained-model", "tiny", "--prompt-set", "pickscore_train", "--num-prompts", "5", "--num-repeats", "2",
@@ -32,10 +37,63 @@ def test_prompts_are_shuffled_as_published():
     assert prompts == [f"prompt {i}" for i in range(200)]  # the caller's list is left alone
 
 
-def test_defaults_are_the_published_evaluations():
-    cfg = parse(MetricsConfig, [])
-    assert (cfg.prompt_set, cfg.num_prompts, cfg.num_repeats, cfg.metrics) == ("hpdv2", 500, 1, ("pickscore",))
-    assert cfg.max_sequence_length == 256  # the pipeline's default; training's prompts stay at 128
+def checkpoint_of(tmp_path, method: str | None, ema: bool) -> Path:
+    """A checkpoint folder as far as the protocol reads it: settings.json naming the method, an ema/ folder."""
+    folder = tmp_path / f"{method}-{ema}"
+    (folder / "ema" if ema else folder).mkdir(parents=True, exist_ok=True)
+    if method is not None:
+        (folder / "settings.json").write_text(json.dumps({"method": method}))
+    return folder
+
+
+def test_each_methods_checkpoint_is_evaluated_with_its_published_protocol(tmp_path, capsys):
+    base, _ = apply_protocol(parse(MetricsConfig, []), None)  # the base model: the FDFO paper's evaluation
+    assert (base.protocol, base.prompt_set, base.num_prompts, base.num_repeats, base.metrics, base.num_solver_steps,
+            base.guidance_scale, base.max_sequence_length, base.integer_timesteps) == (
+        "fdfo", "hpdv2", 500, 1, ("pickscore",), 40, 1.0, 256, False)
+    expected = {"fdfo": ("fdfo", "hpdv2", 500, 1.0, 256, False, False), None: ("fdfo", "hpdv2", 500, 1.0, 256, False, False),
+                "draft": ("fdfo", "hpdv2", 500, 1.0, 256, False, False),
+                "flow_grpo": ("flow_grpo", "pickscore_test", 2048, 4.5, 128, False, True),
+                "diffusion_nft": ("diffusion_nft", "pickscore_test", 2048, 1.0, 128, True, True)}
+    for method, (name, prompts, n, guidance, tokens, integer, ema) in expected.items():
+        cfg, use_ema = apply_protocol(parse(MetricsConfig, []), checkpoint_of(tmp_path, method, ema=True))
+        assert (cfg.protocol, cfg.prompt_set, cfg.num_prompts, cfg.num_solver_steps, cfg.guidance_scale,
+                cfg.max_sequence_length, cfg.integer_timesteps, use_ema) == (
+            name, prompts, n, 40, guidance, tokens, integer, ema), method
+    assert "Evaluating with diffusion_nft's protocol" in capsys.readouterr().out
+    grpo = checkpoint_of(tmp_path, "flow_grpo", ema=False)
+    # Flags win, one by one; a checkpoint without an EMA is evaluated with its own weights, and says so.
+    cfg, use_ema = apply_protocol(parse(MetricsConfig, ["--guidance-scale", "1", "--prompt-set", "hpdv2"]), grpo)
+    assert (cfg.guidance_scale, cfg.prompt_set, cfg.num_prompts, cfg.max_sequence_length, use_ema) == (
+        1.0, "hpdv2", 2048, 128, False)
+    out = capsys.readouterr().out
+    assert "own weights (it holds no EMA)" in out and "Given here: prompt_set hpdv2, guidance_scale 1.0" in out
+    _, use_ema = apply_protocol(parse(MetricsConfig, ["--own-weights"]), checkpoint_of(tmp_path, "diffusion_nft", True))
+    assert not use_ema
+    cfg, _ = apply_protocol(parse(MetricsConfig, ["--protocol", "fdfo"]), grpo)
+    assert (cfg.protocol, cfg.guidance_scale, cfg.prompt_set) == ("fdfo", 1.0, "hpdv2")
+    assert "(the FDFO paper; --protocol)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--ema and --own-weights contradict"):
+        evaluate(parse(MetricsConfig, ["--checkpoint", str(grpo), "--ema", "--own-weights"]))
+
+
+def test_the_pickscore_test_prompts_download_once_and_are_checked(tmp_path, monkeypatch):
+    published = "".join(f"prompt {i}\n" for i in range(3)).encode()
+    monkeypatch.setattr(protocol, "PICKSCORE_TEST_SHA256", hashlib.sha256(published).hexdigest())
+    (tmp_path / "test.txt").write_bytes(published)
+    path = tmp_path / "sets" / "pickscore_test.txt"
+    path.parent.mkdir()
+    protocol.download_pickscore_test(path, url=(tmp_path / "test.txt").as_uri())
+    assert path.read_bytes() == published
+    (tmp_path / "test.txt").write_bytes(published + b"one more\n")
+    with pytest.raises(protocol.PromptSetError, match="not Flow-GRPO's test.txt"):
+        protocol.download_pickscore_test(tmp_path / "other.txt", url=(tmp_path / "test.txt").as_uri())
+    assert not (tmp_path / "other.txt").exists()
+    with pytest.raises(protocol.PromptSetError, match="Without internet, copy that file"):
+        protocol.download_pickscore_test(tmp_path / "other.txt", url=(tmp_path / "missing.txt").as_uri())
+    shared = ROOT.parent / "shared" / "data" / "pickscore_test.txt"  # the same file, where a checkout has it
+    if shared.is_file():
+        assert hashlib.sha256(shared.read_bytes()).hexdigest() == PICKSCORE_TEST_SHA256
 
 
 def test_prompt_selection_is_seeded_and_capped():

@@ -259,21 +259,28 @@ def test_non_finite_reward_names_the_prompt():
 
 
 def test_ema_is_the_average_of_the_steps_weights_by_hand(tmp_path):
-    # One optimiser step an epoch and a checkpoint every epoch: the LoRA after steps 1, 2, 3 are w1, w2, w3. With
-    # diffusers' warm-up the decay of update n is min(0.9, n / (9 + n)) from the second update on (the first copies).
-    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "3", "--save-freq", "1",
-                                        "--gradient-steps-per-epoch", "1", "--ema-decay", "0.9"]))
-    w1, w2, w3 = (lora_weights(run_dir, n) for n in (1, 2, 3))
-    ema = ema_weights(run_dir, 3)
-    for key in ema:
-        by_hand = w1[key]
-        for n, w in ((2, w2[key]), (3, w3[key])):
-            decay = min(0.9, n / (9 + n))
-            by_hand = decay * by_hand + (1 - decay) * w
+    # One optimiser step an epoch and a checkpoint every epoch: the LoRA after steps 1…4 are w1…w4; its B starts
+    # at 0. The baselines' published rule with Flow-GRPO's interval and repeats (here 2 and 2): after the steps s
+    # with (s + 1) even, i.e. 1 and 3, two updates w̄ += (1 − d)(w_s − w̄), d = min(0.9, (1 + s)/(10 + s)).
+    run_dir = train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "4", "--save-freq", "1",
+                                        "--gradient-steps-per-epoch", "1", "--ema-decay", "0.9", "--ema-interval", "2",
+                                        "--ema-repeats", "2"]))
+    w = {n: lora_weights(run_dir, n) for n in (1, 2, 3, 4)}
+    ema = ema_weights(run_dir, 4)
+    assert ema.keys() == w[4].keys()
+    for key in [k for k in ema if "lora_B" in k]:
+        by_hand = torch.zeros_like(w[1][key])
+        for s in (1, 3):
+            decay = min(0.9, (1 + s) / (10 + s))
+            for _ in range(2):
+                by_hand = by_hand + (1 - decay) * (w[s][key] - by_hand)
         torch.testing.assert_close(ema[key], by_hand, rtol=0, atol=1e-7)
-    assert (w3[key] - ema[key]).abs().max() > 1e-4  # the average lags the weights
-    with pytest.raises(ConfigError, match="--ema-decay must be between 0 and 1"):
-        train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--ema-decay", "1.5"]))
+    assert (w[4][key] - ema[key]).abs().max() > 1e-4 and (w[3][key] - ema[key]).abs().max() > 1e-5  # it lags
+    assert checkpoint.load_state(run_dir / "checkpoints" / "epoch-0000004").ema_steps == 4  # updates counted for the resume
+    for flag, value, message in [("--ema-decay", "1.5", "--ema-decay must be between 0 and 1"),
+                                 ("--ema-interval", "0", "--ema-interval must be at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--ema-decay", "0.9", flag, value]))
 
 
 def test_a_reward_from_the_users_own_module_trains_the_tiny_model(tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -38,21 +40,36 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 255 + 0.5).clip(0, 255).to(torch.uint8)
 
 
+@contextlib.contextmanager
+def integer_timesteps(transformer: torch.nn.Module) -> Iterator[None]:
+    """The pipeline's timesteps 1000σ (float32) reach the transformer truncated to integers, as DiffusionNFT's
+    pipeline feeds them (`torch.full(..., sigma * 1000, dtype=torch.long)`)."""
+    def truncate(module, args, kwargs):
+        return args, {**kwargs, "timestep": kwargs["timestep"].long()}
+    handle = transformer.register_forward_pre_hook(truncate, with_kwargs=True, prepend=True)  # before any other
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate_images(pipe: StableDiffusion3Pipeline, prompts: list[str], seeds: list[int], num_steps: int,
                     guidance_scale: float, resolution: int | None, max_sequence_length: int,
-                    batch_size: int, desc: str = "generating") -> torch.Tensor:
-    """uint8 images (N, 3, H, W) for prompts[i] with starting noise from seeds[i], in batches."""
+                    batch_size: int, desc: str = "generating", integer: bool = False) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) for prompts[i] with starting noise from seeds[i], in batches; `integer`: at
+    integer timesteps."""
     device = pipe.transformer.device
     pipe.set_progress_bar_config(disable=True)  # one bar, ours, over the batches
     resolution = resolution or default_resolution(pipe)
     shape = latent_shape(pipe, resolution)
     out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not distributed.is_main()):
-        chunk = slice(start, start + batch_size)
-        latents = image_noise(seeds[chunk], shape, pipe.transformer.dtype).to(device)
-        images = pipe(prompt=prompts[chunk], latents=latents, num_inference_steps=num_steps,
-                      guidance_scale=guidance_scale, height=resolution, width=resolution,
-                      max_sequence_length=max_sequence_length, output_type="pt").images
-        out.append(to_uint8(images).cpu())
+    with integer_timesteps(pipe.transformer) if integer else contextlib.nullcontext():
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not distributed.is_main()):
+            chunk = slice(start, start + batch_size)
+            latents = image_noise(seeds[chunk], shape, pipe.transformer.dtype).to(device)
+            images = pipe(prompt=prompts[chunk], latents=latents, num_inference_steps=num_steps,
+                          guidance_scale=guidance_scale, height=resolution, width=resolution,
+                          max_sequence_length=max_sequence_length, output_type="pt").images
+            out.append(to_uint8(images).cpu())
     return torch.cat(out)

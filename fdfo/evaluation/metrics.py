@@ -12,7 +12,7 @@ from fdfo import distributed
 from fdfo.config import MetricsConfig, check_metrics_config, to_jsonable
 from fdfo.evaluation.protocol import build_metrics, image_seed, print_table, prompt_set, rank_prompt_indices, select_prompts, summarise
 from fdfo.evaluation.images import generate_images, load_with_checkpoint
-from fdfo.runs.hub import resolve_checkpoint
+from fdfo.evaluation.method_protocol import weights_and_settings
 from fdfo.rewards.registry import twins_for
 
 
@@ -21,7 +21,7 @@ def evaluate(cfg: MetricsConfig) -> dict:
     check_metrics_config(cfg)
     start = time.time()
     twins = twins_for(cfg.pretrained_model)
-    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
+    cfg, checkpoint = weights_and_settings(cfg)
     device = distributed.init()
     prompts = select_prompts(prompt_set(cfg.prompt_set, twins is not None), cfg.num_prompts, cfg.prompt_seed)
 
@@ -32,7 +32,7 @@ def evaluate(cfg: MetricsConfig) -> dict:
     images = generate_images(pipe, [prompts[i] for i, _ in jobs],
                              [image_seed(cfg.image_seed, i, cfg.num_repeats, r) for i, r in jobs],
                              cfg.num_solver_steps, cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length,
-                             cfg.batch_size)
+                             cfg.batch_size, integer=cfg.integer_timesteps)
     del pipe
 
     # Score them with every metric, in batches; gather (prompt index, repeat, value) from all ranks.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +16,21 @@ import torch
 
 from fdfo import distributed
 from fdfo.config import PROJECT_ROOT
+from fdfo.errors import UserError
 from fdfo.harness.prompts import load_prompts
 from fdfo.rewards.registry import Scorers
 
 PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
+               "pickscore_test": PROJECT_ROOT / "prompt_sets" / "pickscore_test.txt",
                "hpdv2": PROJECT_ROOT / "prompt_sets" / "hpdv2.json"}
+# Flow-GRPO's and DiffusionNFT's test prompts: dataset/pickscore/test.txt of github.com/yifan123/flow_grpo (2,048).
+PICKSCORE_TEST_URL = ("https://raw.githubusercontent.com/yifan123/flow_grpo/ac4c86e8cae021841f1fde853d340e0db67690dd/"
+                      "dataset/pickscore/test.txt")
+PICKSCORE_TEST_SHA256 = "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262"
+
+
+class PromptSetError(UserError, RuntimeError):
+    pass
 OFFLINE_PROMPTS = PROJECT_ROOT / "prompt_sets" / "demo.txt"
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
@@ -29,10 +41,11 @@ def prompt_set(name: str, offline: bool) -> list[str]:
         distributed.print0(f"Random-weight model: using the offline prompts {OFFLINE_PROMPTS} for `{name}`.")
         return load_prompts(OFFLINE_PROMPTS)
     path = PROMPT_SETS[name]
-    if name == "hpdv2" and not path.exists():
+    download = {"hpdv2": download_hpdv2, "pickscore_test": download_pickscore_test}.get(name)
+    if download is not None and not path.exists():
         with distributed.rank0_first():
             if distributed.is_main() and not path.exists():
-                download_hpdv2(path)
+                download(path)
     if name == "hpdv2":
         return json.loads(path.read_text())
     return load_prompts(path)
@@ -46,6 +59,22 @@ def download_hpdv2(path: Path) -> None:
         file = hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
         prompts += json.loads(Path(file).read_text())
     path.write_text(json.dumps(prompts, indent=0) + "\n")
+
+
+def download_pickscore_test(path: Path, url: str = PICKSCORE_TEST_URL) -> None:
+    """Flow-GRPO's PickScore test prompts, once, into `path`, checked against the published file's SHA-256."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise PromptSetError(f"Could not download the pickscore_test prompts from {url} ({e}). Without internet, copy "
+                             f"that file (Flow-GRPO's dataset/pickscore/test.txt) to {path}.") from None
+    if hashlib.sha256(data).hexdigest() != PICKSCORE_TEST_SHA256:
+        raise PromptSetError(f"The file downloaded from {url} is not Flow-GRPO's test.txt (its SHA-256 differs); "
+                             f"nothing was written to {path}.")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:

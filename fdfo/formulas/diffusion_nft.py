@@ -135,7 +135,9 @@ DEFAULTS = {
     "train_batch_size": 9,  # config/nft.py
     "gradient_accumulation_steps": 16,  # config/nft.py: 1152/(8·9) batches, one optimiser step per epoch
     "num_inner_epochs": 1,  # config/base.py
-    "ema_decay": 0.9,  # scripts/train_nft_sd3.py EMAModuleWrapper(decay=0.9, update_step_interval=1), eval only
+    "ema_decay": 0.9,  # scripts/train_nft_sd3.py EMAModuleWrapper(decay=0.9, update_step_interval=1): eval and checkpoints
+    "ema_interval": 1,
+    "ema_repeats": 1,  # ema.step once after each optimiser step
     "mixed_precision": "fp16",  # config/base.py
 }
 

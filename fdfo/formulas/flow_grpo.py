@@ -134,6 +134,10 @@ DEFAULTS = {
     "train_batch_size": 9,  # config/grpo.py train.batch_size, per GPU
     "gradient_accumulation_steps": 2,  # config/grpo.py num_batches_per_epoch // 2: 2 optimiser steps per epoch
     "num_inner_epochs": 1,  # config/grpo.py
-    "ema_decay": 0.9,  # scripts/train_sd3.py EMAModuleWrapper(decay=0.9, update_step_interval=8), eval only
+    "ema_decay": 0.9,  # scripts/train_sd3.py EMAModuleWrapper(decay=0.9, update_step_interval=8): eval and checkpoints
+    "ema_interval": 8,  # its update_step_interval, against the optimiser step count passed to ema.step
+    # ema.step runs once per sampling batch of a GPU (sample_batch_size images), with the step count of the moment:
+    # each count is passed to it gradient_accumulation_steps times (after the step, and for each batch to the next)
+    "ema_repeats": 2,
     "mixed_precision": "fp16",  # config/base.py
 }

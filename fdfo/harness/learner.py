@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.training_utils import EMAModel
 from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +22,7 @@ from fdfo.model.parking import Parking
 from fdfo.model.sd3 import PromptEmbeds, encode_prompts, predict_velocity
 from fdfo.rewards import Reward, Scorers, build_reward, reward_terms, twins_for
 from fdfo.runs.checkpoint import TrainingState, save_checkpoint
-from fdfo.runs.ema import EMA_FOLDER, load_ema, start_ema
+from fdfo.runs.ema import EMA_FOLDER, LoraEma, load_ema, start_ema
 from fdfo.runs.resume import Resume
 
 
@@ -45,7 +44,7 @@ class Learner:
     reward_models: Parking  # off the GPU while the LoRA trains (--memory-efficient)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling of the fp16 recipe; disabled otherwise
-    ema: EMAModel | None  # with --ema-decay
+    ema: LoraEma | None  # with --ema-decay
     copies: dict[str, list[torch.Tensor]]  # a method's own copies of the LoRA weights, by name (DiffusionNFT's)
     compute_dtype: torch.dtype  # of sampling and training alike
     max_grad_norm: float  # the gradient is clipped to this norm before every step
@@ -65,9 +64,9 @@ class Learner:
         self.scaler.step(self.optimizer)
         self.scaler.update()  # the scale halves after a skipped step
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(trainable(self.lora))
         self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.step(trainable(self.lora), self.optimizer_steps)
         return grad_norm, scale
 
     def encode(self, prompt_batches: list[list[str]], sample: SampleConfig) -> list[PromptEmbeds]:
@@ -105,14 +104,14 @@ class Learner:
 
     def lora_copies(self) -> dict[str, list[torch.Tensor]]:
         """Every copy of the LoRA weights a checkpoint holds besides the LoRA, by folder name."""
-        return {**({EMA_FOLDER: self.ema.shadow_params} if self.ema is not None else {}), **self.copies}
+        return {**({EMA_FOLDER: self.ema.weights} if self.ema is not None else {}), **self.copies}
 
     # The training state, saved and loaded by the same names (TrainingState's fields).
     def state(self, total_pairs: int, passes: Passes) -> TrainingState:
         return TrainingState(epochs_done=self.epochs_done, optimizer_steps=self.optimizer_steps,
                              total_pairs=total_pairs, optimizer=self.optimizer.state_dict(),
                              grad_scaler=self.scaler.state_dict(),
-                             ema_steps=self.ema.optimization_step if self.ema else 0, forward_passes=passes.forward,
+                             ema_steps=self.ema.updates if self.ema else 0, forward_passes=passes.forward,
                              backward_passes=passes.backward)
 
     def load_state(self, state: TrainingState, train: TrainPhaseConfig) -> None:
@@ -154,7 +153,7 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies
     reward_models = Parking(reward.local_models() if cfg.memory_efficient and park_rewards else [], device)
     optimizer = torch.optim.AdamW(trainable(lora), **optimizer_settings(cfg.train))
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-    ema = start_ema(lora, cfg.ema_decay) if cfg.ema_decay else None
+    ema = start_ema(lora, cfg.ema_decay, cfg.ema_interval, cfg.ema_repeats) if cfg.ema_decay else None
     lora_copies = {name: [p.detach().clone() for p in trainable(lora)] for name in copies}
     # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
     # would put a collective in each micro-batch and lock the ranks into step.
@@ -173,12 +172,13 @@ def restore(learner: Learner, resume: Resume, cfg: TrainConfig) -> None:
     """The checkpoint's LoRA, its copies (the EMA, a method's own), the optimiser and the scaler."""
     state = resume.state
     if learner.ema is not None and state.ema_steps:
-        learner.ema = load_ema(learner.lora, resume.checkpoint, cfg.ema_decay, state.ema_steps)
+        learner.ema = load_ema(learner.lora, resume.checkpoint, cfg.ema_decay, cfg.ema_interval, cfg.ema_repeats,
+                               state.ema_steps)
     for name in learner.copies:
         learner.copies[name] = load_lora_copy(learner.lora, resume.checkpoint / name)
     load_lora(learner.lora, resume.checkpoint)
     if learner.ema is not None and not state.ema_steps:  # an EMA asked for on resuming a run without one starts here
-        learner.ema = start_ema(learner.lora, cfg.ema_decay)
+        learner.ema = start_ema(learner.lora, cfg.ema_decay, cfg.ema_interval, cfg.ema_repeats)
     learner.load_state(state, cfg.train)
 
 
