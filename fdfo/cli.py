@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import tyro
 
-from fdfo import distributed
+from fdfo import distributed, signals
 from fdfo.config import TINY_PRESET, ConfigError, TrainConfig, method_recipe
 from fdfo.config_files import load_config_file, read_toml, with_overrides
 from fdfo.errors import UserError
@@ -93,20 +92,16 @@ def main(entry: Callable[[T], Any], cls: type[T], args: list[str] | None = None)
 
     A UserError (bad input, a missing or damaged file) prints as one line and exits with 2; FDFO_DEBUG=1
     shows its traceback instead. Ctrl-C (or SIGTERM, e.g. from a scheduler) exits with 130 (143) once
-    `entry` has said where things stand.
+    `entry` has said where things stand (fdfo/signals.py: a training run stops at its next safe point).
     """
-    terminated = []
-
-    def on_sigterm(signum, frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signals.install()
     try:
         entry(parse(cls, args))
         # Leave the process group together: a rank that exits while another still talks to it can abort
         # the other (gloo: "terminate called without an active exception").
         distributed.barrier()
         distributed.shutdown()
+        signals.check()  # a stop asked for as the work ended: still the exit code a scheduler expects
     except UserError as e:
         if os.environ.get("FDFO_DEBUG"):
             raise
@@ -114,4 +109,4 @@ def main(entry: Callable[[T], Any], cls: type[T], args: list[str] | None = None)
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit(143 if terminated else 130)
+        sys.exit(signals.exit_code())

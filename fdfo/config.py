@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +181,7 @@ class TrainConfig:
     runs_dir: Path = Path("runs")  # parent of the run folders `<5-digit id>-<run name>/`
     resume_from: Path | None = None  # checkpoint folder, or run folder (= its newest checkpoint), to continue exactly
     prompt_file: Path = Path("prompt_sets/pickscore_train.txt")  # training prompts, one a line
+    accept_changed_prompts: bool = False  # on resume, train on prompts that differ from the checkpoint's (recorded in config.json's history); otherwise refused
     log_wandb: bool = False  # also log to Weights & Biases
     memory_efficient: bool = True  # text encoders off the GPU after encoding, reward models off it while training
     precision: TrainPrecision = "auto"  # numerics of sampling and training alike: fp16 = the published recipe (fp16 autocast over bf16 weights, fp32 LoRA, gradient scaler); bf16 autocast; fp32; auto = fp16 on GPU, fp32 on CPU
@@ -276,8 +280,53 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_finite(cfg: Any, prefix: str = "--") -> None:
+    """Every number of `cfg` (a settings dataclass, its sections too) is finite in float32, where the tensors
+    use it: inf passes every `> 0` check and would train weights to inf; nan compares false with everything."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            check_finite(value, flag + ".")
+        elif isinstance(value, float):
+            require(math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                    f"{flag} must be a finite number (float32's, at most 3.4e38 in size); got {value}.")
+
+
+def check_seed(value: int, flag: str, below: int = 2**62) -> None:
+    """Seeds are what the random generators take: numpy's SeedSequence no negative number, torch's none of
+    2⁶⁴ or more, numpy's RandomState (the evaluation's prompt shuffle) none of 2³² or more."""
+    require(0 <= value < below, f"{flag} must be a whole number from 0 to {below - 1}; got {value}.")
+
+
+def check_run_name(name: str | None) -> None:
+    require(name is None or (name not in ("", ".", "..") and not any(c in name for c in "/\\\0")),
+            f"--run-name {name!r} must be a folder name: not empty, not . or .., without / or \\.")
+
+
+def check_folder_writable(folder: Path, flag: str) -> None:
+    """New files can be written in `folder`: probed with a file, in the folders created for it if need be,
+    which are removed again (a check writes nothing)."""
+    folder = Path(folder).absolute()
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fdfo-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {folder} cannot be written ({e.strerror or e}); choose another folder.") from None
+    finally:
+        for created in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Refuse settings the run cannot use, before anything is written or loaded."""
+    check_finite(cfg)
     t, sample = cfg.train, cfg.sample
     for flag, value in [("--num-epochs", cfg.num_epochs), ("--total-pairs-per-epoch", cfg.total_pairs_per_epoch),
                         ("--gradient-steps-per-epoch", cfg.gradient_steps_per_epoch), ("--lora-rank", cfg.lora_rank),
@@ -306,7 +355,11 @@ def check_train_config(cfg: TrainConfig) -> None:
                                                             f"{cfg.ema_decay}.")
     reward_terms(cfg.reward_preset, cfg.reward)  # unknown names, bad weights and failing imports, before any model loads
     check_churn(sample)
+    check_seed(cfg.seed, "--seed")
+    check_run_name(cfg.run_name)
     require(not Path(cfg.runs_dir).is_file(), f"--runs-dir {cfg.runs_dir} is a file; give a folder for the runs.")
+    if cfg.resume_from is None:  # a resume writes in its run's folder, or beside it (checked when it is locked)
+        check_folder_writable(cfg.runs_dir, "--runs-dir")
     # A method's own settings (--grpo.*, --nft.*) are checked by the method (fdfo/methods/).
 
 
@@ -342,14 +395,12 @@ def check_writable(out: Path) -> None:
     """`out`'s folder exists (created if need be) and can be written, and `out` is not a folder."""
     out = Path(out)
     require(not out.is_dir(), f"--out {out} is a folder; give a file name.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create its folder ({e.strerror}); choose another path.") from None
-    require(os.access(out.parent, os.W_OK), f"--out {out}: the folder {out.parent} is not writable; choose another path.")
+    check_folder_writable(out.parent, f"--out {out}: its folder")
 
 
 def check_generate_config(cfg: GenerateConfig) -> None:
+    check_finite(cfg)
+    check_seed(cfg.seed, "--seed")
     for flag, value in [("--grid-rows", cfg.grid_rows), ("--grid-cols", cfg.grid_cols), ("--batch-size", cfg.batch_size),
                         ("--num-solver-steps", cfg.num_solver_steps),
                         ("--max-sequence-length", cfg.max_sequence_length)]:
@@ -371,9 +422,13 @@ def check_export_config(cfg: ExportConfig) -> None:
     require(cfg.checkpoint is not None, "--checkpoint is required: the LoRA checkpoint (or run folder) to export.")
     require(cfg.out is not None, "--out is required: the folder to write the diffusers LoRA into.")
     require(not cfg.out.exists() or cfg.out.is_dir(), f"--out {cfg.out} is a file; give a folder.")
+    check_folder_writable(cfg.out, "--out")
 
 
 def check_metrics_config(cfg: MetricsConfig) -> None:
+    check_finite(cfg)
+    check_seed(cfg.prompt_seed, "--prompt-seed", below=2**32)
+    check_seed(cfg.image_seed, "--image-seed")
     for flag, value in [("--num-prompts", cfg.num_prompts), ("--num-repeats", cfg.num_repeats),
                         ("--batch-size", cfg.batch_size), ("--num-solver-steps", cfg.num_solver_steps),
                         ("--max-sequence-length", cfg.max_sequence_length)]:

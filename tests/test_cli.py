@@ -1,10 +1,12 @@
 """The entry points as a user meets them: bad input is one sentence and exit code 2, nothing written; Ctrl-C says
 where the last checkpoint is; a run that stops before its first epoch leaves no folder behind."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +38,20 @@ def bad_train_inputs(tmp_path):
         (["--save-freq", "0"], "--save-freq must be at least 1; got 0."),
         (["--sample.resolution", "100"], "--sample.resolution must be a multiple of 16"),
         (["--runs-dir", str(tmp_path / "a_file")], "is a file; give a folder for the runs."),
+        (["--runs-dir", str(tmp_path / "a_file" / "runs")], r"a_file/runs cannot be written \(Not a directory\)"),
+        (["--runs-dir", "/proc/fdfo-runs"], "--runs-dir /proc/fdfo-runs cannot be written"),
+        (["--run-name", "a/b"], "--run-name 'a/b' must be a folder name"),
+        (["--run-name", ".."], "--run-name '..' must be a folder name"),
+        (["--train.learning-rate", "inf"], "--train.learning-rate must be a finite number"),
+        (["--train.weight-decay", "inf"], "--train.weight-decay must be a finite number"),
+        (["--train.learning-rate", "1e39"], r"--train.learning-rate must be a finite number \(float32's, at most 3.4e38"),
+        (["--train.max-grad-norm", "nan"], "--train.max-grad-norm must be a finite number"),
+        (["--sample.guidance-scale", "inf"], "--sample.guidance-scale must be a finite number"),
+        (["--sample.churn-weight", "inf"], "--sample.churn-weight must be a finite number"),
+        (["--sample.interval.sigma", "inf"], "--sample.interval.sigma must be a finite number"),
+        (["--method", "flow_grpo", "--grpo.kl-weight", "inf"], "--grpo.kl-weight must be a finite number"),
+        (["--seed", "-1"], "--seed must be a whole number from 0 to "),
+        (["--seed", str(2**64)], "--seed must be a whole number from 0 to "),
         (["--prompt-file", str(tmp_path / "latin1.txt")], r"latin1.txt is not UTF-8 text"),
         (["--config", str(tmp_path / "typo.toml")], "`reward_preset` must be one of 'combined', .*; got 'pickscor'."),
         (["--config", str(tmp_path / "ten.toml")], "`num_epochs` must be an integer; got 'ten'."),
@@ -58,11 +74,17 @@ def test_bad_generate_and_metrics_input_is_refused_before_any_image(tmp_path, ca
     (tmp_path / "folder.png").mkdir()
     cases = [
         (generate, GenerateConfig, ["--out", str(tmp_path / "grid.gif")], "the extension decides the format"),
-        (generate, GenerateConfig, ["--out", "/proc/fdfo/grid.png"], "cannot create its folder"),
+        (generate, GenerateConfig, ["--out", "/proc/fdfo/grid.png"], "its folder /proc/fdfo cannot be written"),
         (generate, GenerateConfig, ["--out", str(tmp_path / "folder.png")], "is a folder; give a file name"),
         (generate, GenerateConfig, ["--grid-rows", "0"], "--grid-rows must be at least 1"),
         (evaluate, MetricsConfig, ["--num-prompts", "0"], "--num-prompts must be at least 1"),
         (evaluate, MetricsConfig, ["--metrics", "dreamsim_diversity"], "--num-repeats 2 or more"),
+        (generate, GenerateConfig, ["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (generate, GenerateConfig, ["--seed", "-1"], "--seed must be a whole number from 0 to"),
+        (evaluate, MetricsConfig, ["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (evaluate, MetricsConfig, ["--prompt-seed", "-1"], "--prompt-seed must be a whole number from 0 to 4294967295"),
+        (evaluate, MetricsConfig, ["--prompt-seed", str(2**32)], "--prompt-seed must be a whole number from 0 to"),
+        (evaluate, MetricsConfig, ["--image-seed", "-5"], "--image-seed must be a whole number from 0 to"),
     ]
     for entry, cls, flags, message in cases:
         with pytest.raises(SystemExit) as stop:
@@ -115,3 +137,51 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(tmp_path, monk
         train(parse_train_config([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "2"]))
     assert list(tmp_path.iterdir()) == []
     assert "No epoch had finished, so the new run folder" in capsys.readouterr().out
+
+
+SIGNAL_IN_A_CALLBACK = """
+import os, signal, weakref
+import torch
+calls = []
+def score(images, prompts):
+    calls.append(1)
+    if len(calls) == {call}:  # the signal lands while a weakref callback runs, where a raise would be swallowed
+        def callback():
+            os.kill(os.getpid(), signal.{signal})
+            for _ in range(100000):
+                pass
+        weakref.finalize(type("Held", (), {{}})(), callback)  # collected at once: the callback runs here
+    return images.mean(dim=(1, 2, 3))
+"""
+
+
+@pytest.mark.parametrize("call,signum", [(1, "SIGTERM"), (5, "SIGTERM"), (6, "SIGINT")])
+def test_a_signal_inside_a_weakref_callback_stops_the_run(call, signum, tmp_path):
+    # Scored once a sampling batch (4 an epoch here): call 1 is epoch 0's first, call 5 epoch 1's, after a checkpoint.
+    (tmp_path / "stopping_scorer.py").write_text(SIGNAL_IN_A_CALLBACK.format(call=call, signal=signum))
+    command = [sys.executable, str(ROOT / "train.py"), *SMALL, "--reward", "stopping_scorer:score=1",
+               "--num-epochs", "50", "--save-freq", "1", "--runs-dir", str(tmp_path / "runs")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == {"SIGTERM": 143, "SIGINT": 130}[signum], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.replace("Exception ignored", ""), result.stderr[-2000:]
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    if call == 1:  # no epoch finished: the new folder is removed
+        assert epochs == [] and "No epoch had finished" in result.stdout
+        assert not any((tmp_path / "runs").iterdir())
+    else:  # stopped in epoch 1: epoch 0's checkpoint is the last, and the log holds epoch 0 only
+        run_dir = next((tmp_path / "runs").iterdir())
+        assert len(epochs) == 1 and f"Interrupted. The last checkpoint is {run_dir}/checkpoints/epoch-0000001" in result.stdout
+        assert [r["epoch"] for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
+                if r["kind"] == "epoch"] == [0]
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0000001"]
+
+
+def test_ctrl_c_while_the_imports_run_exits_130_without_a_traceback():
+    # torch alone takes seconds to import: the signal lands during the entry point's imports.
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dry-run"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == "" and out == "", err

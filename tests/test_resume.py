@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
 from fdfo.runs.checkpoint import CheckpointError, load_state
 from fdfo.cli import parse_train_config
@@ -93,12 +94,17 @@ def test_a_resume_from_an_older_checkpoint_branches_into_a_new_folder(three_epoc
     ({"training_state.pt": b""}, "training_state.pt cannot be read"),
     ({"training_state.pt": b"not a checkpoint at all"}, "training_state.pt cannot be read"),
     ({"settings.json": b"{"}, "settings.json cannot be read"),
+    ("a NaN in the LoRA", "adapter_model.safetensors cannot be read .The LoRA in .* holds 1 non-finite value"),
 ])
 def test_a_damaged_checkpoint_is_named_with_the_previous_one(three_epochs, tmp_path, damage, message):
     run_dir = copy_run(three_epochs, tmp_path)
     newest = run_dir / "checkpoints" / "epoch-0000003"
     if "adapter_model.safetensors" in damage and damage["adapter_model.safetensors"]:
         damage = {"adapter_model.safetensors": (newest / "adapter_model.safetensors").read_bytes()[:1000]}  # truncated
+    if damage == "a NaN in the LoRA":  # a run that diverged: every image of the checkpoint would be noise
+        weights = load_file(newest / "adapter_model.safetensors")
+        next(w for k, w in weights.items() if "lora_B" in k)[0, 0] = float("nan")
+        damage = {"adapter_model.safetensors": save(weights)}
     for name, data in damage.items():
         (newest / name).write_bytes(data)
     before = snapshot(run_dir.parent)
@@ -112,7 +118,7 @@ def test_a_training_state_that_could_run_code_is_refused(three_epochs, tmp_path)
     state = run_dir / "checkpoints" / "epoch-0000003" / "training_state.pt"
     assert set(torch.load(state, weights_only=True)) == {"format", "epochs_done", "optimizer_steps", "total_pairs",
                                                          "optimizer", "grad_scaler", "ema_steps", "forward_passes",
-                                                         "backward_passes"}  # tensors and numbers only
+                                                         "backward_passes", "prompts_sha256"}  # tensors, numbers and a digest only
     torch.save({"format": 2, "callback": os.system}, state)  # a pickle that names a function
     with pytest.raises(CheckpointError, match="holds Python objects besides tensors and numbers.*refused"):
         load_state(state.parent)
@@ -144,3 +150,35 @@ def test_a_checkpoint_of_an_older_fdfo_resumes_without_phantom_changes(three_epo
     assert not any("changed" in entry for entry in history)
     last = epoch_records(resumed)[-1]
     assert last["transformer_forwards"] is None and last["transformer_backwards"] is None  # unknown, not from 0
+
+
+def test_a_resume_with_no_epochs_left_is_refused_before_anything_is_written(three_epochs, tmp_path):
+    run_dir = copy_run(three_epochs, tmp_path)
+    before = snapshot(run_dir.parent)
+    for epochs in ("3", "2"):
+        with pytest.raises(ConfigError, match=f"epoch-0000003 has 3 epochs done: --num-epochs {epochs} leaves none to "
+                                              "train. Give --num-epochs more than 3."):
+            run("--resume-from", str(run_dir), "--num-epochs", epochs)
+    assert snapshot(run_dir.parent) == before
+
+
+def test_prompts_edited_since_the_checkpoint_are_refused_or_accepted_and_recorded(three_epochs, tmp_path):
+    run_dir = copy_run(three_epochs, tmp_path)
+    prompts = Path(json.loads((run_dir / "config.json").read_text())["config"]["prompt_file"])
+    edited = tmp_path / "edited.txt"
+    edited.write_text(prompts.read_text().replace("a", "the", 1))
+    before = snapshot(run_dir.parent)
+    with pytest.raises(ConfigError, match=r"The prompts of .*edited.txt differ from those .*epoch-0000003 trained on "
+                                          r"\(SHA-256 [0-9a-f]{12}…, the checkpoint's [0-9a-f]{12}…\).*"
+                                          "--accept-changed-prompts"):
+        run("--resume-from", str(run_dir), "--num-epochs", "4", "--prompt-file", str(edited))
+    assert snapshot(run_dir.parent) == before
+    # The same prompts in another file are no change; other text is, with the flag, and the history says so.
+    (tmp_path / "same.txt").write_text(prompts.read_text() + "\n\n")
+    run("--resume-from", str(run_dir), "--num-epochs", "4", "--prompt-file", str(tmp_path / "same.txt"))
+    run("--resume-from", str(run_dir), "--num-epochs", "5", "--prompt-file", str(edited), "--accept-changed-prompts")
+    history = json.loads((run_dir / "config.json").read_text())["history"]
+    assert "prompts_sha256" not in history[-2].get("changed", {}) and history[-1]["from_epoch"] == 4
+    old, new = history[-1]["changed"]["prompts_sha256"]
+    assert old == load_state(run_dir / "checkpoints" / "epoch-0000004").prompts_sha256 != new
+    assert load_state(run_dir / "checkpoints" / "epoch-0000005").prompts_sha256 == new

@@ -26,15 +26,36 @@ def grid_size(num_prompts: int, rows: int, cols: int, resolution: int, caption_h
             caption_height + rows * resolution + PAD)
 
 
+def caption_font_size(resolution: int) -> int:
+    return max(10, resolution // 16)
+
+
+def captions(prompts: list[str], cols: int, resolution: int) -> list[list[str]]:
+    """Each prompt's caption (numbered), wrapped to the width of its block."""
+    return [caption_lines(f"{i + 1}. {p}", cols * resolution, caption_font_size(resolution))
+            for i, p in enumerate(prompts)]
+
+
+def caption_band_height(lines: list[list[str]], resolution: int) -> int:
+    """The height of the caption band above the images: the longest caption's lines."""
+    return PAD + max(len(l) for l in lines) * (caption_font_size(resolution) + 4)
+
+
+def planned_grid_size(prompts: list[str], rows: int, cols: int, resolution: int) -> tuple[int, int]:
+    """(width, height) in pixels of make_grid's grid (without row labels), known before any image exists."""
+    return grid_size(len(prompts), rows, cols, resolution, caption_band_height(
+        captions(prompts, cols, resolution), resolution))
+
+
 def make_grid(images: torch.Tensor, prompts: list[str], rows: int, cols: int,
               row_labels: list[str] | None = None) -> Image.Image:
     """`images` uint8 (len(prompts)·rows·cols, 3, R, R), prompt-major, laid out as one rows × cols block per
     prompt; `row_labels` (one per row, lines split by "\n") are written in a margin on the left."""
     resolution = images.shape[-1]
-    font_size = max(10, resolution // 16)
+    font_size = caption_font_size(resolution)
     block_width = cols * resolution
-    lines = [caption_lines(f"{i + 1}. {p}", block_width, font_size) for i, p in enumerate(prompts)]
-    caption_height = PAD + max(len(l) for l in lines) * (font_size + 4)
+    lines = captions(prompts, cols, resolution)
+    caption_height = caption_band_height(lines, resolution)
     label_width = 0
     if row_labels is not None:
         if len(row_labels) != rows:

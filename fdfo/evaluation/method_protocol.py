@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fdfo import distributed
 from fdfo.config import ConfigError
+from fdfo.model.lora_folder import check_lora_folder
 from fdfo.runs.checkpoint import SETTINGS_FILE
 from fdfo.runs.ema import EMA_FOLDER, ema_folder
 from fdfo.runs.hub import resolve_checkpoint
@@ -83,4 +84,7 @@ def weights_and_settings(cfg):
     """(`cfg` under its protocol, the adapter folder to load: the checkpoint's LoRA or its EMA; None = base model)."""
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     cfg, use_ema = apply_protocol(cfg, checkpoint)
-    return cfg, ema_folder(checkpoint) if use_ema else checkpoint
+    folder = ema_folder(checkpoint) if use_ema else checkpoint
+    if folder is not None:
+        check_lora_folder(folder)  # a damaged or foreign adapter is refused before the base model loads
+    return cfg, folder

@@ -18,7 +18,8 @@ from fdfo import distributed
 from fdfo.config import PROJECT_ROOT
 from fdfo.errors import UserError
 from fdfo.harness.prompts import load_prompts
-from fdfo.rewards.registry import Scorers
+from fdfo.model.loading import error_line, from_hub
+from fdfo.rewards.registry import Scorers, local_models
 
 PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
                "pickscore_test": PROJECT_ROOT / "prompt_sets" / "pickscore_test.txt",
@@ -31,7 +32,14 @@ PICKSCORE_TEST_SHA256 = "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3
 
 class PromptSetError(UserError, RuntimeError):
     pass
+
+
+class DreamSimLoadError(UserError, RuntimeError):
+    """DreamSim could not be downloaded or read from torch's hub cache; the message says what to do."""
+
+
 OFFLINE_PROMPTS = PROJECT_ROOT / "prompt_sets" / "demo.txt"
+HPDV2_REPO = "zhwang/HPDv2"  # a Hub dataset
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
@@ -54,10 +62,10 @@ def prompt_set(name: str, offline: bool) -> list[str]:
 def download_hpdv2(path: Path) -> None:
     """The HPDv2 benchmark's 3,200 prompts (4 styles × 800) from the Hub dataset, once, into `path`."""
     from huggingface_hub import hf_hub_download
-    prompts = []
-    for style in HPDV2_STYLES:
-        file = hf_hub_download("zhwang/HPDv2", f"benchmark/{style}.json", repo_type="dataset")
-        prompts += json.loads(Path(file).read_text())
+    with from_hub("the HPDv2 benchmark prompts", HPDV2_REPO, "--repo-type dataset --include 'benchmark/*.json'",
+                  hint=f" Or copy {path.name} from a checkout that has it to {path}."):
+        files = [hf_hub_download(HPDV2_REPO, f"benchmark/{style}.json", repo_type="dataset") for style in HPDV2_STYLES]
+    prompts = [prompt for file in files for prompt in json.loads(Path(file).read_text())]
     path.write_text(json.dumps(prompts, indent=0) + "\n")
 
 
@@ -117,20 +125,32 @@ def build_metrics(names: tuple[str, ...], device: torch.device, twins: str | Non
                    else scorers.build(name)) for name in names]
 
 
+def metric_models(metrics: list[Metric]) -> list[torch.nn.Module]:
+    """The networks the metrics hold on this rank, each once: frozen, so they can leave the GPU."""
+    return local_models([metric.score for metric in metrics])
+
+
 def dreamsim_embedder(device: torch.device, random: bool) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
     """DreamSim embeddings (the real model downloads its backbones on first use; `random`: a fixed random projection)."""
     if random:
         projection = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0))
         return lambda images, prompts: torch.nn.functional.normalize(torch.nn.functional.interpolate(
             images.float() / 255, size=(16, 16), mode="area").flatten(1) @ projection, dim=-1)
-    from PIL import Image
-    model, preprocess = load_dreamsim(device)
+    return DreamSimEmbedder(device)
+
+
+class DreamSimEmbedder:
+    """DreamSim's embeddings of uint8 images, through its own preprocessing."""
+
+    def __init__(self, device: torch.device):
+        self.model, self.preprocess = load_dreamsim(device)
+        self.device = device
 
     @torch.no_grad()
-    def embed(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        batch = torch.cat([preprocess(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images.cpu()])
-        return model.embed(batch.to(device)).float()
-    return embed
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+        batch = torch.cat([self.preprocess(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images.cpu()])
+        return self.model.embed(batch.to(self.device)).float()
 
 
 # facebookresearch/dino's last commit (2023-04-27): DreamSim fetches the DINO ViT-B/16 code from this repository
@@ -154,6 +174,14 @@ def load_dreamsim(device: torch.device):
         torch.hub.load = pinned
         try:
             return dreamsim(pretrained=True, device=str(device), cache_dir=str(cache))
+        except OSError as e:  # URLError: no internet, and the cache lacks a file
+            raise DreamSimLoadError(
+                f"Could not load DreamSim into {cache}, under torch's hub folder ({error_line(e)}): on first use it "
+                "downloads its checkpoint from github.com/ssundaram21/dreamsim, the DINO code from "
+                f"github.com/facebookresearch/dino (commit {DINO_COMMIT[:7]}) and DINO's weights from "
+                "dl.fbaipublicfiles.com. Without internet, run metrics.py with --metrics dreamsim_diversity once on a "
+                f"machine online with the same TORCH_HOME (a shared folder, or copy {cache} here), or leave "
+                "dreamsim_diversity out.") from e
         finally:  # DreamSim points torch.hub at its cache folder for the whole process: put both back
             torch.hub.load = fetch
             torch.hub.set_dir(hub_dir)

@@ -4,6 +4,7 @@ per run, restored from a checkpoint on resume, saved into one."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
-from fdfo import distributed
+from fdfo import distributed, signals
+from fdfo.errors import UserError
 from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig
 from fdfo.model.compile import compile_blocks, should_compile
 from fdfo.model.loading import load_pipeline, training_dtypes
@@ -24,6 +26,10 @@ from fdfo.rewards import Reward, Scorers, build_reward, reward_terms, twins_for
 from fdfo.runs.checkpoint import TrainingState, save_checkpoint
 from fdfo.runs.ema import EMA_FOLDER, LoraEma, load_ema, start_ema
 from fdfo.runs.resume import Resume
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """A step that would train non-finite weights: the run stops before saving anything of it."""
 
 
 @dataclass
@@ -57,13 +63,29 @@ class Learner:
 
     def step(self) -> tuple[float, float]:
         """Clip the accumulated gradient and take an optimiser step (skipped by the scaler if a gradient is not
-        finite: an fp16 overflow); update the EMA. Returns (gradient norm, not finite when skipped; loss scale)."""
+        finite: an fp16 overflow); update the EMA. Returns (gradient norm, not finite when skipped; loss scale).
+        Without a scaler, a gradient that is not finite stops the run, as do weights that the step made so:
+        nothing non-finite is ever saved."""
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(self.lora), self.max_grad_norm).item()
+        where = f"Epoch {self.epochs_done}, optimiser step {self.optimizer_steps + 1}"
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            raise TrainingDiverged(f"{where}: the gradient norm is {grad_norm}, so the step was not taken. Look for "
+                                   "a reward or loss that is not finite, or lower --train.learning-rate.")
         scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
+        try:
+            self.scaler.step(self.optimizer)
+        except RuntimeError as e:  # AdamW's step size lr / (1 − β₁ᵗ) beyond float32
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDiverged(f"{where}: the optimiser's update overflows float32 ({e}). Lower "
+                                   "--train.learning-rate.") from None
         self.scaler.update()  # the scale halves after a skipped step
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.stack(torch._foreach_norm(trainable(self.lora))).isfinite().all():
+            raise TrainingDiverged(f"{where}: the step left LoRA weights that are not finite (gradient norm "
+                                   f"{grad_norm:.3g}). Resume from the last checkpoint with a lower "
+                                   "--train.learning-rate.")
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.step(trainable(self.lora), self.optimizer_steps)
@@ -89,10 +111,14 @@ class Learner:
     def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice).
         A pass with gradient will be back-propagated once; one inside a backward pass is a checkpoint's
-        recomputation: a forward only."""
+        recomputation: a forward only. Outside a backward pass, a pass is also where a Ctrl-C or SIGTERM stops
+        the run (nothing is being written then)."""
         rows = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+        outside_backward = torch._C._current_graph_task_id() == -1
+        if outside_backward:
+            signals.check()
         self.rows[0] += rows
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if torch.is_grad_enabled() and outside_backward:
             self.rows[1] += rows
 
     def passes(self) -> Passes:
@@ -107,12 +133,12 @@ class Learner:
         return {**({EMA_FOLDER: self.ema.weights} if self.ema is not None else {}), **self.copies}
 
     # The training state, saved and loaded by the same names (TrainingState's fields).
-    def state(self, total_pairs: int, passes: Passes) -> TrainingState:
+    def state(self, total_pairs: int, prompts_sha256: str, passes: Passes) -> TrainingState:
         return TrainingState(epochs_done=self.epochs_done, optimizer_steps=self.optimizer_steps,
                              total_pairs=total_pairs, optimizer=self.optimizer.state_dict(),
                              grad_scaler=self.scaler.state_dict(),
                              ema_steps=self.ema.updates if self.ema else 0, forward_passes=passes.forward,
-                             backward_passes=passes.backward)
+                             backward_passes=passes.backward, prompts_sha256=prompts_sha256)
 
     def load_state(self, state: TrainingState, train: TrainPhaseConfig) -> None:
         """The state of a checkpoint; the optimiser settings given now (a new learning rate…) apply."""
@@ -123,11 +149,11 @@ class Learner:
         if state.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.grad_scaler)
         self.rows_before = [state.forward_passes, state.backward_passes]
-        # state.total_pairs is checked by the resume plan; state.ema_steps by restore, with the EMA's weights.
+        # state.total_pairs and prompts_sha256 are checked by the resume plan; state.ema_steps by restore.
 
-    def save(self, run_dir: Path, total_pairs: int, settings: dict[str, Any]) -> None:
+    def save(self, run_dir: Path, total_pairs: int, prompts_sha256: str, settings: dict[str, Any]) -> None:
         """A checkpoint of the epochs done so far (rank 0 writes it; every rank waits for it)."""
-        state = self.state(total_pairs, self.passes())
+        state = self.state(total_pairs, prompts_sha256, self.passes())
         if distributed.is_main():
             print(f"Saved {save_checkpoint(run_dir, self.lora, state, settings, self.lora_copies())}", flush=True)
         distributed.barrier()

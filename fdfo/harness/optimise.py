@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from fdfo import distributed
+from fdfo import distributed, signals
 from fdfo.harness.batching import BatchPlan
 from fdfo.harness.exchange import fetch_items, rank_slice, step_items
 from fdfo.harness.learner import Learner
@@ -73,6 +73,7 @@ def optimise_epoch(learner: Learner, items: TrainingItems, plan: BatchPlan, time
             rows = fetch_items(items.local, step, len(items.local[0]))
 
         def backward_micro_batch(m: int) -> dict[str, torch.Tensor]:
+            signals.check()  # a Ctrl-C or SIGTERM stops between micro-batches (fdfo/signals.py)
             part = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
             terms = items.loss([r[part] for r in rows], mine[part])
             learner.scaler.scale(terms["loss"] / micro_batches).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ def load_prompts(path: Path) -> list[str]:
     if not prompts:
         raise PromptFileError(f"The prompt file {path} holds no prompts (one prompt a line).{download}")
     return prompts
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """SHA-256 of the prompts as training reads them: a checkpoint records it, so that a resume notices an edited file."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 class PromptStream:

@@ -6,19 +6,20 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from fdfo import distributed
+from fdfo import distributed, signals
 from fdfo.config import TrainConfig, check_train_config, to_jsonable
 from fdfo.evaluation.before_after import BEFORE_AFTER, write_before_after
 from fdfo.harness.batching import BatchSizes, plan_batches
 from fdfo.harness.console import announce, epoch_line, stop_message
 from fdfo.harness.learner import Passes, set_up
 from fdfo.harness.optimise import optimise_epoch
-from fdfo.harness.prompts import PromptStream, load_prompts
+from fdfo.harness.prompts import PromptStream, load_prompts, prompts_digest
 from fdfo.harness.timing import PhaseTimer
 from fdfo.methods import build_method
 from fdfo.methods.base import Epoch, EpochScores
 from fdfo.runs.plots import REWARD_CURVE
-from fdfo.runs.resume import plan_resume
+from fdfo.runs import lock
+from fdfo.runs.resume import claim_run, plan_resume
 from fdfo.runs.runlog import RunLog, close_run_dir, open_run_dir
 
 
@@ -33,9 +34,12 @@ def train(cfg: TrainConfig) -> Path:
                         method.items_per_sample, BatchSizes(cfg.max_batch_size, cfg.sample.batch_size,
                                                             cfg.train.batch_size, cfg.train.micro_batch))
     method.check_plan(plan)
-    stream = PromptStream(load_prompts(cfg.prompt_file), cfg.seed, plan.total_pairs)
+    prompts = load_prompts(cfg.prompt_file)
+    stream, digest = PromptStream(prompts, cfg.seed, plan.total_pairs), prompts_digest(prompts)
     settings = to_jsonable(cfg)
-    resume = plan_resume(cfg.resume_from, settings, plan.total_pairs) if cfg.resume_from else None
+    resume = plan_resume(cfg.resume_from, settings, plan.total_pairs, digest) if cfg.resume_from else None
+    if resume is not None and claim_run(resume, cfg.dry_run):  # a run continued in place is locked, then tidied:
+        resume = plan_resume(cfg.resume_from, settings, plan.total_pairs, digest)  # a checkpoint put back is its newest
     announce(settings, plan, cfg.total_pairs_per_epoch, resume)
     if cfg.dry_run:
         return Path(cfg.runs_dir) / f"<next id>-{cfg.run_name or cfg.default_run_name}"
@@ -43,43 +47,49 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser (restored from the checkpoint on resume).
     learner = set_up(cfg, device, resume, method.lora_copies, park_rewards=not method.needs_gradients)
     run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
+    lock.hold(run_dir)  # a new run's or a branch's folder; a run continued in place holds its lock already
     log = RunLog(run_dir, cfg.log_wandb, resume_epoch=learner.epochs_done if resume else None)
 
-    # Main training loop.
+    # Main training loop. A Ctrl-C or SIGTERM stops it at the next transformer pass, micro-batch or epoch: never
+    # inside a checkpoint or a log record (fdfo/signals.py).
     epochs_run = 0
     try:
-        for epoch in range(learner.epochs_done, cfg.num_epochs):
-            timer = PhaseTimer(device)
+        with signals.deferred():
+            for epoch in range(learner.epochs_done, cfg.num_epochs):
+                signals.check()
+                timer = PhaseTimer(device)
 
-            # Sample, score, and turn the rewards into training items: the method's own part (FDFO: §2, §3).
-            scores, items = method.epoch(learner, Epoch(epoch, stream, plan, timer))
+                # Sample, score, and turn the rewards into training items: the method's own part (FDFO: §2, §3).
+                scores, items = method.epoch(learner, Epoch(epoch, stream, plan, timer))
 
-            # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
-            steps = optimise_epoch(learner, items, plan, timer)
-            learner.epochs_done = epoch + 1
+                # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
+                steps = optimise_epoch(learner, items, plan, timer)
+                learner.epochs_done = epoch + 1
 
-            # Report.
-            record = epoch_record(epoch, scores, timer, plan.total_pairs, learner.passes())
-            log.write_epoch(record, [{"kind": "step", "epoch": epoch, **s} for s in steps],
-                            (scores.first_images, scores.rewards[:2].tolist(), scores.prompts[0]))
-            distributed.print0(epoch_line(record, steps))
-            epochs_run += 1
+                # Report.
+                record = epoch_record(epoch, scores, timer, plan.total_pairs, learner.passes())
+                log.write_epoch(record, [{"kind": "step", "epoch": epoch, **s} for s in steps],
+                                (scores.first_images, scores.rewards[:2].tolist(), scores.prompts[0]))
+                distributed.print0(epoch_line(record, steps))
+                epochs_run += 1
 
-            # Save checkpoint.
-            if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
-                learner.save(run_dir, plan.total_pairs, settings)
+                # Save checkpoint.
+                if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
+                    learner.save(run_dir, plan.total_pairs, digest, settings)
 
-        # Show what training did: the same prompts and seeds before and after.
-        learner.text_encoders.to_device()
-        learner.reward_models.to_device()
-        write_before_after(learner.pipe, learner.lora, learner.reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
-        distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
+            # Show what training did: the same prompts and seeds before and after.
+            signals.check()
+            learner.text_encoders.to_device()
+            learner.reward_models.to_device()
+            write_before_after(learner.pipe, learner.lora, learner.reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
+            distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
     except BaseException as stop:
         kept = close_run_dir(run_dir, new_folder=resume is None or resume.run_dir is None, epochs_run=epochs_run)
         distributed.print0(stop_message(run_dir, stop, kept))
         raise
     finally:
         log.close()
+        lock.release()
     return run_dir
 
 

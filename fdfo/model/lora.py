@@ -1,4 +1,5 @@
-"""The LoRA on the transformer's joint-attention projections: attach, save, and load strictly; copies of its
+"""The LoRA on the transformer's joint-attention projections: attach, save, and load strictly (a damaged or foreign
+folder refused before anything loads: fdfo/model/lora_folder.py; non-finite weights when read); copies of its
 weights (the EMA, a method's own) swapped in, saved and loaded as LoRA folders of the same format."""
 
 from __future__ import annotations
@@ -11,16 +12,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from fdfo.errors import UserError
+from fdfo.model.lora_folder import ADAPTER_FILES, LoraLoadError, check_lora_folder
 
 # Joint-attention projections of every block (the dual-attention `attn2` layers are left alone).
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-class LoraLoadError(UserError, RuntimeError):
-    """A LoRA folder that does not fit the model; nothing was loaded."""
 
 
 def lora_config(rank: int = 32, alpha: int = 64) -> LoraConfig:
@@ -54,23 +50,23 @@ def save_lora(model: PeftModel, folder: Path) -> None:
 
 def attach_lora_from(transformer: torch.nn.Module, folder: Path) -> PeftModel:
     """Attach a LoRA shaped by a checkpoint's own adapter_config.json, then load its weights strictly."""
-    config_file = Path(folder) / ADAPTER_FILES[0]
-    if not config_file.is_file():
-        raise LoraLoadError(f"{folder} is not a LoRA checkpoint folder: {ADAPTER_FILES[0]} missing.")
+    check_lora_folder(folder)
     config = LoraConfig.from_pretrained(str(folder))
     config.inference_mode = False
-    model = get_peft_model(transformer, config)
+    try:
+        model = get_peft_model(transformer, config)
+    except ValueError as e:  # PEFT: a target module the transformer lacks
+        raise LoraLoadError(f"The LoRA in {folder} does not fit this model ({e}). Check that it was trained on the "
+                            "same base model (--pretrained-model).") from None
     load_lora(model, folder)
     return model
 
 
 def load_lora(model: PeftModel, folder: Path) -> None:
-    """Load a PEFT LoRA folder into `model`, refusing any missing, unexpected or reshaped weight."""
+    """Load a PEFT LoRA folder into `model`, refusing any missing, unexpected, reshaped or non-finite weight."""
     folder = Path(folder)
-    missing_files = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
-    if missing_files:
-        raise LoraLoadError(f"{folder} is not a LoRA checkpoint folder: {', '.join(missing_files)} missing.")
-    state = load_file(folder / "adapter_model.safetensors")
+    check_lora_folder(folder)
+    state = load_lora_weights(folder)
     expected = get_peft_model_state_dict(model)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -88,6 +84,20 @@ def load_lora(model: PeftModel, folder: Path) -> None:
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise LoraLoadError(f"The LoRA in {folder} has weights PEFT could not place: {result.unexpected_keys[:3]}.")
+
+
+def load_lora_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of the LoRA folder `folder` (checked by check_lora_folder), refused where any is NaN or ±inf:
+    a diverged run's checkpoint would turn every image into noise."""
+    state = load_file(Path(folder) / ADAPTER_FILES[1])
+    non_finite = {key: int((~torch.isfinite(value)).sum()) for key, value in state.items()}
+    non_finite = {key: count for key, count in non_finite.items() if count}
+    if non_finite:
+        count = sum(non_finite.values())
+        raise LoraLoadError(f"The LoRA in {folder} holds {count} non-finite value{'s' * (count != 1)} (in "
+                            f"{len(non_finite)} of its tensors, e.g. {next(iter(non_finite))}): it cannot be used; "
+                            "pick an earlier checkpoint.")
+    return state
 
 
 def trainable(lora: PeftModel) -> list[torch.nn.Parameter]:

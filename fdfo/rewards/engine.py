@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fdfo.rewards.registry import RewardSpecError, Scorer, Scorers
+from fdfo.rewards.registry import RewardSpecError, Scorer, Scorers, local_models
 
 
 @dataclass
@@ -38,10 +38,7 @@ class Reward:
 
     def local_models(self) -> list[torch.nn.Module]:
         """The networks the terms hold whole on this rank (not sharded): frozen, so they can leave the GPU."""
-        models = [term.scorer.model for term in self.terms
-                  if isinstance(getattr(term.scorer, "model", None), torch.nn.Module)
-                  and not getattr(term.scorer, "sharded", False)]
-        return list({id(m): m for m in models}.values())  # the VLM questions share one VLM
+        return local_models([term.scorer for term in self.terms])
 
     def __call__(self, images: torch.Tensor, prompts: list[str], differentiable: bool = False) -> RewardOutput:
         """The weighted sum and each term; with `differentiable`, with their gradient w.r.t. `images` (a gradient

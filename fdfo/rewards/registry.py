@@ -7,13 +7,19 @@ per image. Besides the built-in names, a training term may name the user's own s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
+import sys
+import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+import fdfo
 from fdfo.errors import UserError
 
 Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images (B, 3, H, W), prompts → (B,) float
@@ -107,18 +113,91 @@ def check_term(name: str) -> None:
 
 
 def custom_scorer(name: str) -> Scorer:
-    """The user's scorer `module:attribute` (the module importable from the working folder or PYTHONPATH)."""
+    """The user's scorer `module:attribute` (the module imported from the working folder or PYTHONPATH), wrapped
+    so that an error it raises names the term."""
     module_name, _, attribute = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # an import error, or any error the module raises while it loads
-        raise RewardSpecError(f"Reward term `{name}`: importing `{module_name}` failed ({type(e).__name__}: {e}). "
-                              "Is the module's folder the working folder or on PYTHONPATH?") from None
+    module = import_user_module(name, module_name)
     scorer = getattr(module, attribute, None)
     if not callable(scorer):
         raise RewardSpecError(f"Reward term `{name}`: `{module_name}` has no function `{attribute}`"
                               + ("" if scorer is None else f" (it is a {type(scorer).__name__})") + ".")
-    return scorer
+    return UserScorer(name, scorer)
+
+
+def import_user_module(term: str, module_name: str):
+    """The module of the reward term `term`; whatever its import raises (an error, or sys.exit) is refused in a
+    sentence naming the module (Ctrl-C still stops the program)."""
+    try:
+        with working_folder_first():
+            return importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as e:  # else the program would end here, silently, with the module's exit code
+        raise RewardSpecError(f"Reward term `{term}`: importing `{module_name}` called sys.exit (exit code "
+                              f"{e.code!r}); a scorer's module must not exit when it is imported: put that code under "
+                              "`if __name__ == \"__main__\":`." + user_traceback(e)) from e
+    except BaseException as e:  # an import error, or any error the module raises while it loads
+        where = (f" It was looked for in the working folder {os.getcwd()} and on PYTHONPATH."
+                 if is_missing(module_name, e) else user_traceback(e))
+        raise RewardSpecError(f"Reward term `{term}`: importing `{module_name}` failed ({type(e).__name__}: "
+                              f"{e}).{where}") from e
+
+
+def is_missing(module_name: str, error: BaseException) -> bool:
+    """Whether `error` says that the module itself (or its package) is not found, not a module it imports."""
+    return isinstance(error, ModuleNotFoundError) and f"{module_name}.".startswith(f"{error.name}.")
+
+
+@contextlib.contextmanager
+def working_folder_first() -> Iterator[None]:
+    """The working folder first on sys.path, for this block only: a module there is found however the program
+    was started (`python path/to/train.py` puts the script's folder there, not the working folder), and no
+    library the process imports later can be shadowed by a file of the same name in the working folder."""
+    folder = os.getcwd()
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+class UserScorer:
+    """The user's scorer, named as its reward term `module:function`: an error it raises (a bug in the user's
+    code) stops the run in a sentence naming the term, with the traceback of the user's code."""
+
+    def __init__(self, name: str, function: Scorer):
+        self.name, self.function = name, function
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        try:
+            return self.function(images, prompts)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too: the run would end silently
+            raise RewardSpecError(f"The reward term `{self.name}` raised {type(e).__name__}: {e}; fix the scorer and "
+                                  "run again." + user_traceback(e)) from e
+
+
+# Frames of these are not the user's: fdfo's own, and importlib's (which imports the user's module).
+NOT_USER_CODE = (Path(fdfo.__file__).resolve().parent, Path(importlib.__file__).resolve().parent)
+
+
+def user_traceback(error: BaseException) -> str:
+    """The frames of `error`'s traceback outside fdfo and importlib, as Python prints them: the user's code and
+    what it called ("" if none)."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith("<frozen importlib")
+              and not any(Path(frame.filename).resolve().is_relative_to(folder) for folder in NOT_USER_CODE)]
+    if not frames:
+        return ""
+    return "\nTraceback of the scorer's code (most recent call last):\n" + "".join(traceback.format_list(frames)).rstrip()
+
+
+def local_models(scorers: list[Scorer]) -> list[torch.nn.Module]:
+    """The networks `scorers` hold whole on this rank (not sharded), each once: frozen, so they can leave the GPU."""
+    models = [scorer.model for scorer in scorers if isinstance(getattr(scorer, "model", None), torch.nn.Module)
+              and not getattr(scorer, "sharded", False)]
+    return list({id(m): m for m in models}.values())  # the VLM questions share one VLM
 
 
 @dataclass
@@ -159,7 +238,7 @@ class Scorers:
             return ClipScore(*random_clip(seed=list(CLIP_SCORERS).index(name), size=self.twins, device=self.device),
                              self.device)
         model, train_processor, eval_processor = CLIP_SCORERS[name]
-        return ClipScore.from_pretrained(model, train_processor if self.purpose == "reward" else eval_processor,
+        return ClipScore.from_pretrained(name, model, train_processor if self.purpose == "reward" else eval_processor,
                                          self.device)
 
     def vlm(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fdfo import distributed
+from fdfo.model.loading import from_hub
 
 VLM_MODELS = {"qwenvl-7b": "Qwen/Qwen2.5-VL-7B-Instruct", "qwenvl-3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -38,8 +39,10 @@ class YesNoVlm:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         model_id = VLM_MODELS[name]
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-        return cls(model, AutoProcessor.from_pretrained(model_id), device, shard, buffer_dtype)
+        with from_hub(f"the VLM {name}", model_id):
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(model_id)
+        return cls(model, processor, device, shard, buffer_dtype)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, questions: list[str], resize: int | None) -> torch.Tensor:

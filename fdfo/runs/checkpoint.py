@@ -11,6 +11,7 @@ same format, by name (`ema/` with `--ema-decay`; a method's own, e.g. DiffusionN
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -22,11 +23,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from fdfo.errors import UserError
-from fdfo.model.lora import ADAPTER_FILES, save_lora, save_lora_copy
+from fdfo.model.lora import load_lora_weights, save_lora, save_lora_copy
+from fdfo.model.lora_folder import ADAPTER_FILES, LoraLoadError, check_lora_folder
 
 STATE_FILE = "training_state.pt"
 SETTINGS_FILE = "settings.json"
@@ -50,6 +50,7 @@ class TrainingState:
     ema_steps: int = 0  # updates of the EMA of the LoRA weights (in the checkpoint's ema/ folder); 0 without one
     forward_passes: int | None = None  # samples through the transformer on all ranks so far; None: not counted (older fdfo)
     backward_passes: int | None = None  # of them, back-propagated; None: not counted (older fdfo)
+    prompts_sha256: str | None = None  # of the training prompts (harness/prompts.py); None: not recorded (older fdfo)
 
 
 def checkpoint_dir(run_dir: Path, epochs_done: int) -> Path:
@@ -66,14 +67,18 @@ def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settin
     """Write `epoch-<7 digits>/` through a temporary folder and a rename: a crash never leaves a half checkpoint.
     `copies`: other weights of the LoRA (one tensor per trainable parameter), each saved as the folder of its name."""
     final = checkpoint_dir(run_dir, state.epochs_done)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(lora, tmp)
-    for name, weights in (copies or {}).items():
-        save_lora_copy(lora, weights, tmp / name)
-    torch.save({"format": STATE_FORMAT, **dataclasses.asdict(state)}, tmp / STATE_FILE)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_lora(lora, tmp)
+        for name, weights in (copies or {}).items():
+            save_lora_copy(lora, weights, tmp / name)
+        torch.save({"format": STATE_FORMAT, **dataclasses.asdict(state)}, tmp / STATE_FILE)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise unwritten(final, e) from None
     if final.exists():  # rewriting the same epoch (a re-run): swap, then drop the old one
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
@@ -84,16 +89,30 @@ def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settin
     return final
 
 
-def recover_interrupted_writes(run_dir: Path) -> None:
+def unwritten(checkpoint: Path, error: Exception) -> CheckpointError:
+    """The error for a checkpoint that could not be written (its temporary folder already removed)."""
+    free = shutil.disk_usage(checkpoint.parent).free if checkpoint.parent.exists() else 0
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or free < 2**20
+    why = (f"the disk is full ({free / 2**20:.0f} MiB free)" if full else
+           str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return CheckpointError(f"The checkpoint {checkpoint} could not be written: {why}. Its temporary folder was "
+                           f"removed and the run's earlier checkpoints are intact; "
+                           + ("free some space, then " if full else "") + "resume the run from its last checkpoint.")
+
+
+def recover_interrupted_writes(run_dir: Path) -> bool:
     """Tidy what a killed save_checkpoint left: drop half-written temporary folders, and put back a checkpoint
-    that was moved aside for a rewrite of the same epoch but not yet replaced."""
+    that was moved aside for a rewrite of the same epoch but not yet replaced (whether one was)."""
     folder = Path(run_dir) / "checkpoints"
+    restored = False
     for leftover in folder.glob(".epoch-*.*-*"):
         match = re.fullmatch(r"\.(epoch-\d{7})\.(tmp|old)-\d+", leftover.name)
         if match and match.group(2) == "old" and not (folder / match.group(1)).exists():
             os.replace(leftover, folder / match.group(1))
+            restored = True
         elif match:
             shutil.rmtree(leftover)
+    return restored
 
 
 def find_checkpoint(path: Path, required: str = STATE_FILE) -> Path:
@@ -142,11 +161,12 @@ def load_state(checkpoint: Path) -> TrainingState:
 
 
 def check_adapter(checkpoint: Path) -> None:
-    """The adapter weights of `checkpoint` can be read (a truncated or foreign file is refused with a sentence)."""
+    """The LoRA of `checkpoint` is whole and finite (a truncated, foreign or diverged one is refused with a
+    sentence, before the base model loads)."""
     try:
-        if not load_file(Path(checkpoint) / ADAPTER_FILES[1]):
-            raise ValueError("it holds no tensors")
-    except (OSError, ValueError, SafetensorError) as e:
+        check_lora_folder(checkpoint)
+        load_lora_weights(checkpoint)
+    except LoraLoadError as e:
         raise damaged(checkpoint, ADAPTER_FILES[1], e) from None
 
 

@@ -15,22 +15,21 @@ from pathlib import Path
 
 from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig
-from safetensors.torch import load_file
 
 from fdfo import distributed
 from fdfo.config import ExportConfig, check_export_config
 from fdfo.runs.hub import resolve_checkpoint
-from fdfo.model.lora import ADAPTER_FILES, attach_lora_from
+from fdfo.model.lora import attach_lora_from, load_lora_weights
+from fdfo.model.lora_folder import PEFT_PREFIX, check_lora_folder
 from fdfo.model.loading import load_pipeline, model_dtype
 
-PEFT_PREFIX = "base_model.model."  # what PEFT's wrapper puts before the transformer's own module names
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
 
 
 def export_lora(checkpoint: Path, out: Path) -> Path:
     """Write the LoRA of the checkpoint folder `checkpoint` into `out` with diffusers' own saving function."""
     config = LoraConfig.from_pretrained(str(checkpoint))
-    weights = load_file(checkpoint / ADAPTER_FILES[1])
+    weights = load_lora_weights(checkpoint)
     layers = {name.removeprefix(PEFT_PREFIX): value for name, value in weights.items()}
     StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers, weight_name=WEIGHT_NAME,
                                                transformer_lora_adapter_metadata=config.to_dict())
@@ -49,6 +48,7 @@ def export_merged(checkpoint: Path, pretrained_model: str, precision: str, out: 
 def export(cfg: ExportConfig) -> Path:
     check_export_config(cfg)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
+    check_lora_folder(checkpoint)  # a damaged or foreign folder would give a file diffusers rejects
     path = export_lora(checkpoint, cfg.out)
     distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
     if cfg.merged:

@@ -6,9 +6,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+
 from fdfo.runs.checkpoint import CheckpointError, find_checkpoint
 from fdfo.runs.ema import ema_folder
-from fdfo.model.lora import ADAPTER_FILES
+from fdfo.model.loading import from_hub
+from fdfo.model.lora_folder import ADAPTER_FILES
 
 HUB_URL = re.compile(r"https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)/(?P<subdir>.+?)/?$")
 
@@ -44,8 +47,22 @@ def resolve_checkpoint(spec: str | None, ema: bool = False) -> Path | None:
         return None
     where = parse_checkpoint(spec)
     if isinstance(where, HubCheckpoint):
-        from huggingface_hub import snapshot_download
-        root = snapshot_download(where.repo, revision=where.revision, allow_patterns=[f"{where.subdir}/*"])
-        where = Path(root) / where.subdir
+        where = download_checkpoint(where)
     checkpoint = find_checkpoint(where, required=ADAPTER_FILES[1])
     return ema_folder(checkpoint) if ema else checkpoint
+
+
+def download_checkpoint(hub: HubCheckpoint) -> Path:
+    """The local copy of the Hub checkpoint's folder (only that folder is downloaded, into the Hugging Face cache)."""
+    from huggingface_hub import snapshot_download
+    flags = f"--include '{hub.subdir}/*'" + (f" --revision {hub.revision}" if hub.revision != "main" else "")
+    with from_hub(f"the checkpoint `{hub.subdir}`", hub.repo, flags):
+        root = snapshot_download(hub.repo, revision=hub.revision, allow_patterns=[f"{hub.subdir}/*"])
+    folder = Path(root) / hub.subdir
+    if not folder.is_dir():  # nothing matched: the folder is not in the repo (or, offline, not in the cache)
+        offline = hub_constants.is_offline_mode()
+        where = "the Hugging Face cache's copy of" if offline else "the Hub repo"
+        raise CheckpointError(f"There is no folder `{hub.subdir}` in {where} `{hub.repo}` (revision {hub.revision}); "
+                              f"check the path on https://huggingface.co/{hub.repo}/tree/{hub.revision}"
+                              + (", or unset HF_HUB_OFFLINE to download it." if offline else "."))
+    return folder

@@ -15,7 +15,9 @@ from typing import Any
 
 from fdfo.runs.checkpoint import (TrainingState, check_adapter, find_checkpoint, load_state, read_settings,
                              recover_interrupted_writes, run_checkpoints)
+from fdfo import distributed
 from fdfo.config import ConfigError
+from fdfo.runs import lock
 
 # Settings a resume cannot change, and why.
 FIXED = {
@@ -26,7 +28,8 @@ FIXED = {
     "method": "the optimiser's state (and DiffusionNFT's old policy) belong to the method that trained",
 }
 # Settings that are not the training's own: a resume takes them from the command line, and does not record them.
-NOT_RECORDED = ("config", "resume_from", "dry_run", "runs_dir", "run_name", "num_epochs", "log_wandb")
+NOT_RECORDED = ("config", "resume_from", "dry_run", "runs_dir", "run_name", "num_epochs", "log_wandb",
+                "accept_changed_prompts")
 
 
 @dataclass
@@ -45,12 +48,18 @@ def run_of(path: Path) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
-def checkpoint_to_resume(resume_from: Path) -> Path:
-    """The checkpoint `--resume-from` names (a run folder: its newest), after tidying a killed checkpoint write."""
-    run_dir = run_of(resume_from)
-    if run_dir is not None:
-        recover_interrupted_writes(run_dir)
-    return find_checkpoint(resume_from)
+def claim_run(resume: Resume, dry_run: bool) -> bool:
+    """Lock the run that `resume` continues in place, for the rest of this process's run, and tidy what a killed
+    checkpoint write left there: only the lock's holder may. A branch's parent (perhaps training now) is only
+    read; a dry run only checks that the run is free. Whether the tidying put a checkpoint back."""
+    if resume.run_dir is None:
+        return False
+    lock.hold(resume.run_dir)
+    if dry_run:
+        lock.release()
+        return False
+    restored = recover_interrupted_writes(resume.run_dir) if distributed.is_main() else False
+    return distributed.broadcast_object(restored)
 
 
 # What a run of an older fdfo did where a setting added since has another default: it resumes doing the same.
@@ -59,9 +68,10 @@ OLDER_VALUES = {"nft.solver": "euler", "nft.integer_timesteps": False}  # before
 
 def resumed_settings(resume_from: Path) -> tuple[Path, dict[str, Any]]:
     """(checkpoint, its run's settings), the defaults of a resumed run's configuration."""
-    checkpoint = checkpoint_to_resume(resume_from)
+    checkpoint = find_checkpoint(resume_from)
     settings = with_older_values(read_settings(checkpoint))
-    return checkpoint, {k: v for k, v in settings.items() if k not in ("config", "resume_from", "dry_run")}
+    return checkpoint, {k: v for k, v in settings.items()
+                        if k not in ("config", "resume_from", "dry_run", "accept_changed_prompts")}
 
 
 def with_older_values(settings: dict[str, Any]) -> dict[str, Any]:
@@ -73,12 +83,23 @@ def with_older_values(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int) -> Resume:
-    """Check everything a resume needs (files readable, fixed settings unchanged) before anything is written."""
-    checkpoint = checkpoint_to_resume(resume_from)
+def plan_resume(resume_from: Path, settings: dict[str, Any], total_pairs: int, prompts_sha256: str) -> Resume:
+    """Check everything a resume needs (files readable, fixed settings unchanged, epochs left to train, the same
+    prompts) before anything is written."""
+    checkpoint = find_checkpoint(resume_from)
     state = load_state(checkpoint)
     check_adapter(checkpoint)
+    if settings["num_epochs"] <= state.epochs_done:
+        raise ConfigError(f"{checkpoint} has {state.epochs_done} epochs done: --num-epochs {settings['num_epochs']} "
+                          f"leaves none to train. Give --num-epochs more than {state.epochs_done}.")
     changes = setting_changes(with_older_values(read_settings(checkpoint)), settings)
+    if state.prompts_sha256 not in (None, prompts_sha256):
+        if not settings["accept_changed_prompts"]:
+            raise ConfigError(f"The prompts of {settings['prompt_file']} differ from those {checkpoint} trained on "
+                              f"(SHA-256 {prompts_sha256[:12]}…, the checkpoint's {state.prompts_sha256[:12]}…): the "
+                              "prompt of every later pair would change. Restore the file, or resume with "
+                              "--accept-changed-prompts to train on the new prompts (recorded in config.json).")
+        changes["prompts_sha256"] = [state.prompts_sha256, prompts_sha256]
     for name, reason in FIXED.items():
         if name in changes:
             old, new = changes[name]

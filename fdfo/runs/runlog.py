@@ -3,18 +3,21 @@ reward_curve.png (always), Weights & Biases (when asked); a new folder removed a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from fdfo import distributed
+from fdfo.errors import UserError
 from fdfo.evaluation.images import to_uint8
 from fdfo.runs.checkpoint import checkpoint_dir, read_settings
 from fdfo.runs.plots import REWARD_CURVE, plot_reward_curve
@@ -75,11 +78,30 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class RunFolderError(UserError, OSError):
+    pass
+
+
+@contextlib.contextmanager
+def written(path: Path, undo: Callable[[], None]) -> Iterator[None]:
+    """A write of the run folder that fails (a full disk) is undone and said in a sentence."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            undo()
+        full = e.errno == errno.ENOSPC
+        raise RunFolderError(f"{path} could not be written ({'the disk is full' if full else e.strerror}); the write "
+                             "was undone and the run's checkpoints are intact: "
+                             + ("free some space, then " if full else "") + "resume the run.") from None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Through a temporary file and a rename: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with written(path, undo=lambda: tmp.unlink(missing_ok=True)):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -112,8 +134,9 @@ class RunLog:
         """Append `record`; `images` (name → (uint8 array of height × width × 3, caption)) go to W&B only."""
         if not distributed.is_main():
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        with written(self.path, undo=lambda: os.truncate(self.path, size)), open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")  # whole lines only: a failed append is cut off again
         if record["kind"] == "epoch":
             self.epochs.append(record)
             plot_reward_curve(self.epochs, self.path.parent / REWARD_CURVE)
