@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from fdfo.cli import main, parse_train_config
 from fdfo.config import TrainConfig
@@ -61,16 +63,25 @@ def test_a_live_run_is_locked_and_its_temporary_folders_are_left_alone(tmp_path,
     assert [r["epoch"] for r in epoch_records(run_dir)] == list(range(done + 1))
 
 
-def test_a_full_disk_during_a_checkpoint_is_said_and_leaves_the_earlier_ones(tmp_path, monkeypatch, capsys):
-    real_save, saves = torch.save, []
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_a_full_disk_during_a_checkpoint_is_said_and_leaves_the_earlier_ones(writer, tmp_path, monkeypatch, capsys):
+    # The second checkpoint: half of a file, then the disk is full (as on a full tmpfs: safetensors reports it in
+    # a SafetensorError of its own, torch.save in an OSError).
+    real_save, real_save_lora, saves = torch.save, checkpoint.save_lora, []
 
-    def save_on_a_disk_that_fills(obj, path, *args, **kwargs):
+    def fills(path):
         saves.append(path)
-        if len(saves) == 2:  # the second checkpoint: half of the file, then the disk is full
+        if len(saves) == 2:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             open(path, "wb").write(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.torch, "save", save_on_a_disk_that_fills)
+            if writer == "torch":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    if writer == "torch":
+        monkeypatch.setattr(checkpoint.torch, "save", lambda obj, path, *a, **k: fills(path) or real_save(obj, path))
+    else:
+        monkeypatch.setattr(checkpoint, "save_lora", lambda lora, folder: fills(Path(folder) / "partial")
+                            or real_save_lora(lora, folder))
     err = refusal([*SMALL, "--runs-dir", str(tmp_path), "--num-epochs", "3", "--save-freq", "1"], capsys)
     run_dir = next(tmp_path.iterdir())
     assert "epoch-0000002 could not be written: the disk is full" in err, err

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from fdfo.errors import UserError
 from fdfo.model.lora import load_lora_weights, save_lora, save_lora_copy
@@ -76,7 +77,7 @@ def save_checkpoint(run_dir: Path, lora: PeftModel, state: TrainingState, settin
             save_lora_copy(lora, weights, tmp / name)
         torch.save({"format": STATE_FORMAT, **dataclasses.asdict(state)}, tmp / STATE_FILE)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors report a failed write so
         shutil.rmtree(tmp, ignore_errors=True)
         raise unwritten(final, e) from None
     if final.exists():  # rewriting the same epoch (a re-run): swap, then drop the old one
