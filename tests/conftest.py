@@ -41,3 +41,15 @@ def torchrun(nproc: int, script: Path, *args: str) -> None:
            *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline (conftest sets HF_HUB_OFFLINE=1): every Hub model is missing."""
+    from huggingface_hub import constants as hub_constants
+    assert hub_constants.is_offline_mode()
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))  # read at import; the loaders read this one
+    return cache

@@ -45,17 +45,6 @@ def nothing_loads(monkeypatch):
         monkeypatch.setattr(f"{module}.generate_images", must_not_run("generation"))
 
 
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline (conftest sets HF_HUB_OFFLINE=1): every Hub model is missing."""
-    assert hub_constants.is_offline_mode()
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))  # read at import; the loaders read this one
-    return cache
-
-
 def assert_says_what_to_do(error: pytest.ExceptionInfo, repo: str, cache, download: str) -> None:
     message = str(error.value)
     assert isinstance(error.value, UserError) and error.value.__cause__ is not None

@@ -1,8 +1,12 @@
+import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from huggingface_hub import HfApi
+from huggingface_hub import constants as hub_constants
 from peft import get_peft_model
 from PIL import Image
 
@@ -16,7 +20,8 @@ from fdfo.evaluation.metrics import evaluate
 from fdfo.evaluation.method_protocol import apply_protocol
 from fdfo.evaluation.grid import grid_size, make_grid
 from fdfo.runs.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
-from fdfo.model.lora import LoraLoadError, attach_lora_from, lora_config
+from fdfo.model.lora import LoraLoadError, attach_lora, attach_lora_from, lora_config, save_lora
+from fdfo.model.lora_folder import ADAPTER_FILES
 from fdfo.model.tiny import TINY_TRANSFORMER, random_pipeline
 from fdfo.harness.training_loop import train
 
@@ -167,3 +172,36 @@ def test_a_diffusion_nft_run_is_evaluated_with_its_protocol_from_its_ema(tmp_pat
         "diffusion_nft", 128, "pickscore_test", True, 1.0)
     assert "Evaluating with diffusion_nft's protocol (DiffusionNFT's scripts/train_nft_sd3.py eval_fn(); the " \
            "checkpoint's method, diffusion_nft)" in capsys.readouterr().out
+
+
+def published_run(folder: Path, epochs: list[int]) -> Path:
+    """A run folder in the published checkpoints' layout, `<run>/epoch-*/` (no checkpoints/), of tiny LoRAs."""
+    lora = attach_lora(random_pipeline("tiny").transformer, rank=4, alpha=4)
+    for epoch in epochs:
+        save_lora(lora, folder / f"epoch-{epoch:07d}")
+    return folder
+
+
+def test_a_run_folder_in_the_published_layout_gives_its_newest_checkpoint(tmp_path, empty_hub_cache, monkeypatch):
+    run = published_run(tmp_path / "fdfo-combined-reward-no-cfg", [20, 100])
+    assert resolve_checkpoint(str(run)) == run / "epoch-0000100"
+    # The same run in the Hugging Face cache, offline: `hf:<org>/<repo>/<run>` is its newest checkpoint.
+    commit = "1" * 40
+    repo = empty_hub_cache / "models--nvidia--finite-difference-flow-optimization"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(run, repo / "snapshots" / commit / run.name)
+    assert (resolve_checkpoint(f"hf:nvidia/finite-difference-flow-optimization/{run.name}")
+            == repo / "snapshots" / commit / run.name / "epoch-0000100")
+    # Online, only the newest checkpoint's folder is downloaded (its file list asked for first), in either layout.
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    asked = []
+    files = [f"{run.name}/epoch-{e:07d}/{name}" for e in (20, 100, 3) for name in ADAPTER_FILES] + ["README.md",
+             "ours/checkpoints/epoch-0000007/adapter_model.safetensors", "ours/checkpoints/epoch-0000012/adapter_model.safetensors"]
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo, revision: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, revision, allow_patterns:
+                        asked.append(allow_patterns) or str(tmp_path / "online"))
+    for subdir in (run.name, "ours"):
+        with pytest.raises(CheckpointError):  # nothing was really downloaded
+            resolve_checkpoint(f"hf:nvidia/finite-difference-flow-optimization/{subdir}")
+    assert asked == [[f"{run.name}/epoch-0000100/*"], ["ours/checkpoints/epoch-0000012/*"]]

@@ -38,6 +38,6 @@ def write_before_after(pipe: StableDiffusion3Pipeline, lora: PeftModel, reward: 
     scores = [reward(x.float() / 255, [p for p, _ in jobs]).total.mean().item() for x in (before, after)]
     k = len(SEEDS)
     blocks = [torch.cat([before[i:i + k], after[i:i + k]]) for i in range(0, len(jobs), k)]  # per prompt: 2 rows
-    labels = [f"base model\nreward {scores[0]:.4g}", f"after {epochs_done} epochs\nreward {scores[1]:.4g}"]
+    labels = [f"base model\nreward {scores[0]:.4g}", f"after {epochs_done} epoch{'s' * (epochs_done != 1)}\nreward {scores[1]:.4g}"]
     if distributed.is_main():
         make_grid(torch.cat(blocks), prompts, rows=2, cols=k, row_labels=labels).save(out)

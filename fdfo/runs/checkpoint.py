@@ -116,19 +116,25 @@ def recover_interrupted_writes(run_dir: Path) -> bool:
     return restored
 
 
+def published_checkpoints(run_dir: Path, required: str) -> list[Path]:
+    """The checkpoints of a run folder in the published layout, `<run>/epoch-*/` (no checkpoints/), oldest first."""
+    return sorted(p for p in Path(run_dir).glob("epoch-*") if (p / required).is_file())
+
+
 def find_checkpoint(path: Path, required: str = STATE_FILE) -> Path:
-    """`path` itself if it is a checkpoint folder, else the newest complete checkpoint of the run folder `path`.
+    """`path` itself if it is a checkpoint folder, else the newest complete checkpoint of the run folder `path`
+    (ours, `<run>/checkpoints/epoch-*`, or the published layout, `<run>/epoch-*`).
 
     Complete = holding `required` (the training state to resume; the adapter weights to generate).
     """
     path = Path(path)
     if (path / required).is_file():
         return path
-    candidates = run_checkpoints(path, required)
+    candidates = run_checkpoints(path, required) or published_checkpoints(path, required)
     if not candidates:
         raise CheckpointError(
-            f"{path}: no checkpoint there (expected {path}/{required} or "
-            f"{path}/checkpoints/epoch-<7 digits>/{required}). Pass a checkpoint folder or a run folder that has one."
+            f"{path}: no checkpoint there (expected {path}/{required}, {path}/checkpoints/epoch-<7 digits>/{required} "
+            f"or {path}/epoch-<7 digits>/{required}). Pass a checkpoint folder or a run folder that has one."
         )
     return candidates[-1]
 

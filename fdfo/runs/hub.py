@@ -52,13 +52,32 @@ def resolve_checkpoint(spec: str | None, ema: bool = False) -> Path | None:
     return ema_folder(checkpoint) if ema else checkpoint
 
 
+CHECKPOINT_IN_RUN = re.compile(r"(?:checkpoints/)?epoch-\d+/" + re.escape(ADAPTER_FILES[1]))  # below a run folder
+
+
+def checkpoint_to_download(hub: HubCheckpoint) -> str:
+    """The repo folder to download: `hub.subdir` itself, or where it is a run folder (published layout
+    `<run>/epoch-*`, or ours `<run>/checkpoints/epoch-*`), its newest checkpoint alone — not every epoch.
+    Offline, the repo cannot be listed: the cache's copy of `hub.subdir` is used as it is."""
+    if hub_constants.is_offline_mode() or re.fullmatch(r"(.*/)?epoch-\d+", hub.subdir):
+        return hub.subdir
+    from huggingface_hub import HfApi
+    with from_hub(f"the list of files of `{hub.subdir}`", hub.repo):
+        files = HfApi().list_repo_files(hub.repo, revision=hub.revision)
+    prefix = hub.subdir.rstrip("/") + "/"
+    checkpoints = [prefix + f[len(prefix):].rpartition("/")[0] for f in files
+                   if f.startswith(prefix) and CHECKPOINT_IN_RUN.fullmatch(f[len(prefix):])]
+    return max(checkpoints, key=lambda folder: folder.rpartition("/")[2], default=hub.subdir)
+
+
 def download_checkpoint(hub: HubCheckpoint) -> Path:
     """The local copy of the Hub checkpoint's folder (only that folder is downloaded, into the Hugging Face cache)."""
     from huggingface_hub import snapshot_download
-    flags = f"--include '{hub.subdir}/*'" + (f" --revision {hub.revision}" if hub.revision != "main" else "")
-    with from_hub(f"the checkpoint `{hub.subdir}`", hub.repo, flags):
-        root = snapshot_download(hub.repo, revision=hub.revision, allow_patterns=[f"{hub.subdir}/*"])
-    folder = Path(root) / hub.subdir
+    subdir = checkpoint_to_download(hub)
+    flags = f"--include '{subdir}/*'" + (f" --revision {hub.revision}" if hub.revision != "main" else "")
+    with from_hub(f"the checkpoint `{subdir}`", hub.repo, flags):
+        root = snapshot_download(hub.repo, revision=hub.revision, allow_patterns=[f"{subdir}/*"])
+    folder = Path(root) / subdir
     if not folder.is_dir():  # nothing matched: the folder is not in the repo (or, offline, not in the cache)
         offline = hub_constants.is_offline_mode()
         where = "the Hugging Face cache's copy of" if offline else "the Hub repo"
