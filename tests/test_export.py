@@ -3,12 +3,13 @@ import sys
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from fdfo.runs.export import WEIGHT_NAME, export
 from fdfo.config import ConfigError, ExportConfig
 from fdfo.evaluation.images import generate_images
 from fdfo.model.lora import attach_lora, attach_lora_from, save_lora
+from fdfo.model.loading import ModelLoadError
 from fdfo.model.tiny import random_pipeline
 from tests.conftest import ROOT
 
@@ -69,3 +70,19 @@ def test_merged_transformer_gives_the_loras_images(checkpoint, tmp_path):
     print(f"merged vs LoRA: mean |difference| {difference.float().mean():.3f}, max {difference.max()} (of 255); "
           f"LoRA vs base {(mine.int() - base.int()).abs().float().mean():.1f}")
     assert difference.float().mean() < 0.1 and difference.max() <= 2
+
+
+def test_the_merged_export_loads_no_pipeline_and_writes_nothing_without_its_base_model(checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("the pipeline loaded"))
+    # A real model's folder (the tiny one, saved): only its transformer/ is read.
+    random_pipeline("tiny").transformer.save_pretrained(tmp_path / "base" / "transformer")
+    export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "lora", merged=True,
+                        pretrained_model=str(tmp_path / "base")))
+    assert (tmp_path / "lora" / "transformer" / "config.json").is_file()
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ModelLoadError, match="Could not load the base model's transformer"):
+        export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "other", merged=True,
+                            pretrained_model=str(tmp_path / "not-a-model")))  # a folder without transformer/...
+    assert not (tmp_path / "other").exists()  # ...and nothing written
+

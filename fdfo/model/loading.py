@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -111,6 +111,16 @@ def training_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, 
         return (torch.bfloat16 if device.type == "cuda" else torch.float32), torch.float16
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     return dtype, dtype
+
+
+def load_transformer(name: str, device: torch.device, dtype: torch.dtype) -> SD3Transformer2DModel:
+    """The SD3 transformer of `name` alone, frozen on `device` (what a merged export needs: no text encoders or VAE)."""
+    if name in RANDOM_MODELS:  # its output layer is drawn after the other parts: built with them, as in training
+        return tiny.random_pipeline(RANDOM_MODELS[name], device=device, dtype=dtype).transformer
+    check_model_name(name)
+    with from_hub("the base model's transformer", name, "--include 'transformer/*'"):
+        transformer = SD3Transformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dtype)
+    return transformer.requires_grad_(False).eval().to(device)
 
 
 def load_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion3Pipeline:

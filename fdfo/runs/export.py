@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig
 
@@ -21,7 +22,7 @@ from fdfo.config import ExportConfig, check_export_config
 from fdfo.runs.hub import resolve_checkpoint
 from fdfo.model.lora import attach_lora_from, load_lora_weights
 from fdfo.model.lora_folder import PEFT_PREFIX, check_lora_folder
-from fdfo.model.loading import load_pipeline, model_dtype
+from fdfo.model.loading import load_transformer, model_dtype
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
 
@@ -36,23 +37,24 @@ def export_lora(checkpoint: Path, out: Path) -> Path:
     return out / WEIGHT_NAME
 
 
-def export_merged(checkpoint: Path, pretrained_model: str, precision: str, out: Path) -> Path:
-    """The base model's transformer with the LoRA of `checkpoint` merged into its weights, saved as diffusers does."""
+def merged_transformer(checkpoint: Path, pretrained_model: str, precision: str) -> torch.nn.Module:
+    """The base model's transformer alone (not the pipeline: a fraction of the memory) with the LoRA of `checkpoint`
+    merged into its weights."""
     device = distributed.init()
-    pipe = load_pipeline(pretrained_model, device, model_dtype(precision, device))
-    transformer = attach_lora_from(pipe.transformer, checkpoint).merge_and_unload()  # W + alpha/rank · B·A
-    transformer.save_pretrained(out)
-    return out
+    transformer = load_transformer(pretrained_model, device, model_dtype(precision, device))
+    return attach_lora_from(transformer, checkpoint).merge_and_unload()  # W + alpha/rank · B·A
 
 
 def export(cfg: ExportConfig) -> Path:
     check_export_config(cfg)
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
     check_lora_folder(checkpoint)  # a damaged or foreign folder would give a file diffusers rejects
+    # The base model is loaded and the LoRA merged before anything is written: a missing model writes nothing.
+    merged = merged_transformer(checkpoint, cfg.pretrained_model, cfg.precision) if cfg.merged else None
     path = export_lora(checkpoint, cfg.out)
     distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
-    if cfg.merged:
-        merged = export_merged(checkpoint, cfg.pretrained_model, cfg.precision, cfg.out / "transformer")
-        distributed.print0(f"Wrote {merged}: load it with SD3Transformer2DModel.from_pretrained({str(merged)!r})")
+    if merged is not None:
+        merged.save_pretrained(cfg.out / "transformer")
+        distributed.print0(f"Wrote {cfg.out / 'transformer'}: load it with "
+                           f"SD3Transformer2DModel.from_pretrained({str(cfg.out / 'transformer')!r})")
     return path
-
