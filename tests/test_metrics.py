@@ -1,5 +1,6 @@
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,9 +152,14 @@ def test_dreamsim_is_cached_with_torch_and_fetches_pinned_dino_code(tmp_path, mo
 
     def fake_dreamsim(pretrained, device, cache_dir):
         torch.hub.set_dir(cache_dir)  # as dreamsim's feature extractor does
+        torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))  # as its DINO head does: a FutureWarning
+        warnings.warn("Already found a `peft_config` attribute in the model. This will lead to having multiple "
+                      "adapters in the model. Make sure to know what you are doing!")  # as PEFT says to it
         return torch.hub.load("facebookresearch/dino:main", "dino_vitb16"), cache_dir
     monkeypatch.setattr("dreamsim.dreamsim", fake_dreamsim)
-    model, cache = load_dreamsim(torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither warning reaches the user
+        model, cache = load_dreamsim(torch.device("cpu"))
     assert fetched == [(f"facebookresearch/dino:{DINO_COMMIT}", "dino_vitb16", {"trust_repo": True})]
     assert cache == str(tmp_path / "hub" / "dreamsim")
     assert torch.hub.get_dir() == str(tmp_path / "hub") and torch.hub.load is hub_load

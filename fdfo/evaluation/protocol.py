@@ -173,7 +173,10 @@ def load_dreamsim(device: torch.device):
     with distributed.rank0_first():
         torch.hub.load = pinned
         try:
-            return dreamsim(pretrained=True, device=str(device), cache_dir=str(cache))
+            with warnings.catch_warnings():  # DreamSim's own code, news to no user (the published evaluation hides them)
+                warnings.filterwarnings("ignore", message=".*torch.nn.utils.weight_norm")
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                return dreamsim(pretrained=True, device=str(device), cache_dir=str(cache))
         except OSError as e:  # URLError: no internet, and the cache lacks a file
             raise DreamSimLoadError(
                 f"Could not load DreamSim into {cache}, under torch's hub folder ({error_line(e)}): on first use it "
