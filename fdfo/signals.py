@@ -58,10 +58,15 @@ def deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_start() -> Iterator[None]:
-    """Around an entry point's imports: the handlers installed first, and a stop during them an exit without a
-    traceback."""
+    """Around an entry point's imports: the handlers installed first, and a stop asked for during them an exit
+    without a traceback once they are done (a raise inside a C++ extension's import aborts the process)."""
     install()
+    _deferring[0] = True
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal
+        sys.exit(exit_code())
+    finally:
+        _deferring[0] = False
+    if _received:
         sys.exit(exit_code())
