@@ -30,10 +30,6 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
 
-def received() -> bool:
-    return bool(_received)
-
-
 def exit_code() -> int:
     """130 for Ctrl-C, 143 for SIGTERM: the shell's 128 + the signal's number."""
     return 128 + (_received[0] if _received else signal.SIGINT)
@@ -61,12 +57,9 @@ def quiet_start() -> Iterator[None]:
     """Around an entry point's imports: the handlers installed first, and a stop asked for during them an exit
     without a traceback once they are done (a raise inside a C++ extension's import aborts the process)."""
     install()
-    _deferring[0] = True
     try:
-        yield
-    except KeyboardInterrupt:  # a second signal
-        sys.exit(exit_code())
-    finally:
-        _deferring[0] = False
-    if _received:
+        with deferred():
+            yield
+        check()
+    except KeyboardInterrupt:
         sys.exit(exit_code())
