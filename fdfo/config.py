@@ -27,6 +27,7 @@ RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "brightness", "
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
 TrainPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 EvalPrecision = Literal["auto", "bf16", "fp32"]
+ExportDtype = Literal["auto", "bf16", "fp16", "fp32"]
 CompileMode = Literal["auto", "always", "never"]
 Method = Literal["fdfo", "fdfo_grad", "flow_grpo", "diffusion_nft", "draft", "rsm"]  # the classes are registered in fdfo/methods/__init__.py
 
@@ -239,7 +240,7 @@ class ExportConfig:
     out: Path | None = None  # folder to write pytorch_lora_weights.safetensors into
     merged: bool = False  # also write the transformer with the LoRA merged into its weights, to <out>/transformer
     pretrained_model: str = SD35_MEDIUM  # base model whose transformer --merged merges into: Hub id, local folder or `tiny`
-    precision: EvalPrecision = "auto"  # dtype of the merged transformer; auto = bf16 on GPU, fp32 on CPU
+    dtype: ExportDtype = "auto"  # dtype the merged transformer is written in (merged in fp32); auto = the base model's stored dtype (SD3.5: bf16)
 
 
 MetricName = Literal[
@@ -423,6 +424,8 @@ def check_export_config(cfg: ExportConfig) -> None:
     require(cfg.out is not None, "--out is required: the folder to write the diffusers LoRA into.")
     require(not cfg.out.exists() or cfg.out.is_dir(), f"--out {cfg.out} is a file; give a folder.")
     check_folder_writable(cfg.out, "--out")
+    require(cfg.merged or cfg.dtype == "auto", f"--dtype {cfg.dtype} sets the dtype of the merged transformer, which "
+            "only --merged writes; add --merged, or leave --dtype out.")
 
 
 def check_metrics_config(cfg: MetricsConfig) -> None:

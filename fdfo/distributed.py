@@ -59,12 +59,15 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def rank0_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. a download), the others after it has finished."""
-    if not is_main():
+def node_leaders_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. a download), then the first rank of each other node, then every other
+    rank: a download into a folder that all nodes share is done once; into a folder of each node's own, once per
+    node; never by two processes of one node at once."""
+    wave = 0 if is_main() else 1 if local_rank() == 0 else 2
+    for _ in range(wave):
         barrier()
     yield
-    if is_main():
+    for _ in range(wave, 2):
         barrier()
 
 

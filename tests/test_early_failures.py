@@ -19,12 +19,14 @@ from fdfo.evaluation import protocol
 from fdfo.evaluation.generate import generate
 from fdfo.evaluation.grid import make_grid, planned_grid_size
 from fdfo.evaluation.metrics import evaluate
-from fdfo.model.loading import ModelLoadError, load_pipeline, not_loaded
+from fdfo.hub_files import ModelLoadError, not_loaded
+from fdfo.model.loading import load_pipeline
 from fdfo.rewards import Scorers, build_reward
 from fdfo.rewards.registry import RewardSpecError, parse_terms
 from fdfo.rewards.twins import random_clip
 from fdfo.runs.checkpoint import CheckpointError
 from fdfo.runs.hub import resolve_checkpoint
+from tests.fake_hub import add_repo
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -50,7 +52,7 @@ def assert_says_what_to_do(error: pytest.ExceptionInfo, repo: str, cache, downlo
     assert isinstance(error.value, UserError) and error.value.__cause__ is not None
     assert f"`{repo}`" in message and str(cache) in message, message
     assert "HF_HUB_OFFLINE is set" in message and "unset HF_HUB_OFFLINE" in message, message
-    assert f"run `{download}` on a machine online with the same HF_HOME" in message, message
+    assert f"run `{download}" in message and "` on a machine online with the same HF_HOME" in message, message
 
 
 def test_a_grid_larger_than_its_format_is_refused_before_anything_loads(tmp_path, nothing_loads, monkeypatch):
@@ -87,10 +89,6 @@ def test_a_model_folder_that_is_not_there_is_a_sentence_before_anything_loads(na
         load_pipeline(name, CPU, torch.float32)
 
 
-def clip_twin(*args, **kwargs):
-    return random_clip()[0]
-
-
 @pytest.mark.parametrize("load,repo", [
     (lambda: load_pipeline(SD35M, CPU, torch.float32), SD35M),
     (lambda: Scorers(CPU, None, purpose="metric").build("pickscore"), "yuvalkirstain/PickScore_v1"),
@@ -106,9 +104,12 @@ def test_a_hub_model_missing_offline_names_its_repo_and_what_to_do(load, repo, e
     assert_says_what_to_do(error, repo, empty_hub_cache, f"hf download {repo}")
 
 
-def test_pickscores_clip_h_processor_missing_offline_is_named(empty_hub_cache, monkeypatch):
-    # The training reward reads PickScore's images through CLIP-H's processor, another repo.
-    monkeypatch.setattr("transformers.CLIPModel.from_pretrained", clip_twin)
+def test_pickscores_clip_h_processor_missing_offline_is_named(empty_hub_cache, tmp_path):
+    # The training reward reads PickScore's images through CLIP-H's processor, another repo: the cache has
+    # PickScore's model alone.
+    model, _ = random_clip()
+    model.save_pretrained(tmp_path / "pickscore")
+    add_repo(empty_hub_cache, "yuvalkirstain/PickScore_v1", tmp_path / "pickscore")
     with pytest.raises(ModelLoadError, match="the pickscore scorer's processor") as error:
         Scorers(CPU, None, purpose="reward").build("pickscore")
     repo = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -151,14 +152,11 @@ def test_an_hf_checkpoint_missing_offline_names_repo_and_folder(empty_hub_cache,
         resolve_checkpoint("hf:nvidia/fdfo/run-b/epoch-0000001")
 
 
-def test_the_hpdv2_download_failing_is_a_sentence(empty_hub_cache, tmp_path, monkeypatch):
-    monkeypatch.setitem(protocol.PROMPT_SETS, "hpdv2", tmp_path / "hpdv2.json")
+def test_the_hpdv2_download_failing_is_a_sentence(empty_hub_cache):
     with pytest.raises(ModelLoadError, match="Could not load the HPDv2 benchmark prompts") as error:
         protocol.prompt_set("hpdv2", offline=False)
     assert_says_what_to_do(error, "zhwang/HPDv2", empty_hub_cache,
-                           "hf download zhwang/HPDv2 --repo-type dataset --include 'benchmark/*.json'")
-    assert f"Or copy hpdv2.json from a checkout that has it to {tmp_path / 'hpdv2.json'}." in str(error.value)
-    assert not (tmp_path / "hpdv2.json").exists()
+                           "hf download zhwang/HPDv2 --repo-type dataset --include 'benchmark/anime.json'")
 
 
 def test_dreamsim_without_its_cache_offline_is_a_sentence(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -9,7 +10,7 @@ from fdfo.runs.export import WEIGHT_NAME, export
 from fdfo.config import ConfigError, ExportConfig
 from fdfo.evaluation.images import generate_images
 from fdfo.model.lora import attach_lora, attach_lora_from, save_lora
-from fdfo.model.loading import ModelLoadError
+from fdfo.hub_files import ModelLoadError
 from fdfo.model.tiny import random_pipeline
 from tests.conftest import ROOT
 
@@ -75,11 +76,16 @@ def test_merged_transformer_gives_the_loras_images(checkpoint, tmp_path):
 def test_the_merged_export_loads_no_pipeline_and_writes_nothing_without_its_base_model(checkpoint, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("the pipeline loaded"))
-    # A real model's folder (the tiny one, saved): only its transformer/ is read.
-    random_pipeline("tiny").transformer.save_pretrained(tmp_path / "base" / "transformer")
-    export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "lora", merged=True,
-                        pretrained_model=str(tmp_path / "base")))
-    assert (tmp_path / "lora" / "transformer" / "config.json").is_file()
+    # A real model's folder (the tiny one, saved in bf16 as SD3.5's is): only its transformer/ is read, and the
+    # merged transformer is written in its dtype unless --dtype says otherwise.
+    random_pipeline("tiny").transformer.to(torch.bfloat16).save_pretrained(tmp_path / "base" / "transformer")
+    for dtype, written in [("auto", torch.bfloat16), ("fp32", torch.float32)]:
+        export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / dtype, merged=True, dtype=dtype,
+                            pretrained_model=str(tmp_path / "base")))
+        weights = safetensors.torch.load_file(tmp_path / dtype / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert {w.dtype for w in weights.values()} == {written}
+    with pytest.raises(ConfigError, match="only --merged writes"):
+        export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "other", dtype="fp16"))
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ModelLoadError, match="Could not load the base model's transformer"):
         export(ExportConfig(checkpoint=str(checkpoint), out=tmp_path / "other", merged=True,

@@ -11,9 +11,8 @@ from fdfo.cli import parse
 from fdfo.config import ConfigError, MetricsConfig
 from fdfo.evaluation.protocol import (DINO_COMMIT, diversity, image_seed, load_dreamsim, rank_prompt_indices, select_prompts,
                              summarise)
-from fdfo.evaluation import protocol
 from fdfo.evaluation.metrics import evaluate
-from fdfo.evaluation.protocol import PICKSCORE_TEST_SHA256
+from fdfo.harness.prompts import PUBLISHED_PROMPTS, PromptFileError, PublishedPrompts, download_prompts
 from fdfo.evaluation.method_protocol import apply_protocol
 from tests.conftest import ROOT, torchrun
 
@@ -78,23 +77,23 @@ def test_each_methods_checkpoint_is_evaluated_with_its_published_protocol(tmp_pa
         evaluate(parse(MetricsConfig, ["--checkpoint", str(grpo), "--ema", "--own-weights"]))
 
 
-def test_the_pickscore_test_prompts_download_once_and_are_checked(tmp_path, monkeypatch):
+def test_published_prompt_files_download_whole_and_are_checked(tmp_path):
     published = "".join(f"prompt {i}\n" for i in range(3)).encode()
-    monkeypatch.setattr(protocol, "PICKSCORE_TEST_SHA256", hashlib.sha256(published).hexdigest())
     (tmp_path / "test.txt").write_bytes(published)
+    source = PublishedPrompts((tmp_path / "test.txt").as_uri(), hashlib.sha256(published).hexdigest())
     path = tmp_path / "sets" / "pickscore_test.txt"
-    path.parent.mkdir()
-    protocol.download_pickscore_test(path, url=(tmp_path / "test.txt").as_uri())
-    assert path.read_bytes() == published
+    download_prompts(path, source)
+    assert path.read_bytes() == published and [p.name for p in path.parent.iterdir()] == [path.name]
     (tmp_path / "test.txt").write_bytes(published + b"one more\n")
-    with pytest.raises(protocol.PromptSetError, match="not Flow-GRPO's test.txt"):
-        protocol.download_pickscore_test(tmp_path / "other.txt", url=(tmp_path / "test.txt").as_uri())
+    with pytest.raises(PromptFileError, match="is not the published one"):
+        download_prompts(tmp_path / "other.txt", source)
     assert not (tmp_path / "other.txt").exists()
-    with pytest.raises(protocol.PromptSetError, match="Without internet, copy that file"):
-        protocol.download_pickscore_test(tmp_path / "other.txt", url=(tmp_path / "missing.txt").as_uri())
-    shared = ROOT.parent / "shared" / "data" / "pickscore_test.txt"  # the same file, where a checkout has it
-    if shared.is_file():
-        assert hashlib.sha256(shared.read_bytes()).hexdigest() == PICKSCORE_TEST_SHA256
+    with pytest.raises(PromptFileError, match="Without internet, copy that file"):
+        download_prompts(tmp_path / "other.txt", PublishedPrompts((tmp_path / "missing.txt").as_uri(), source.sha256))
+    for name in ("pickscore_train.txt", "pickscore_test.txt"):  # the same files, where a checkout has them
+        shared = ROOT.parent / "shared" / "data" / name
+        if shared.is_file():
+            assert hashlib.sha256(shared.read_bytes()).hexdigest() == PUBLISHED_PROMPTS[name].sha256
 
 
 def test_prompt_selection_is_seeded_and_capped():

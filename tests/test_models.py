@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fdfo.model.lora import LoraLoadError, attach_lora, load_lora, save_lora, trainable_parameters
-from fdfo.model.loading import ModelLoadError, load_pipeline
+from fdfo.hub_files import ModelLoadError
+from fdfo.model.loading import load_pipeline
 from fdfo.model.sd3 import encode_prompts, predict_velocity
 from fdfo.model.tiny import random_pipeline, sd35m_transformer
 

@@ -174,7 +174,7 @@ def test_bad_input_fails_before_models_load(tmp_path):
         train(parse_train_config([*not_a_model, "--total-pairs-per-epoch", "1"]))
     with pytest.raises(PromptFileError, match=r"missing\.txt does not exist"):
         train(parse_train_config([*not_a_model, "--prompt-file", str(tmp_path / "missing.txt")]))
-    with pytest.raises(PromptFileError, match="curl -L -o prompt_sets/pickscore_train.txt"):
+    with pytest.raises(PromptFileError, match=r"curl -L -o \S*pickscore_train.txt https://raw.githubusercontent.com/yifan123/flow_grpo/\w+/dataset/pickscore/train.txt"):
         train(parse_train_config([*not_a_model, "--prompt-file", str(tmp_path / "pickscore_train.txt")]))
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(PromptFileError, match="holds no prompts"):

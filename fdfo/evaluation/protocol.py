@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +15,20 @@ import torch
 from fdfo import distributed
 from fdfo.config import PROJECT_ROOT
 from fdfo.errors import UserError
-from fdfo.harness.prompts import load_prompts
-from fdfo.model.loading import error_line, from_hub
+from fdfo.harness.prompts import PUBLISHED_PROMPTS, download_prompts, load_prompts
+from fdfo.hub_files import HubFiles, error_line
 from fdfo.rewards.registry import Scorers, local_models
 
-PROMPT_SETS = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
-               "pickscore_test": PROJECT_ROOT / "prompt_sets" / "pickscore_test.txt",
-               "hpdv2": PROJECT_ROOT / "prompt_sets" / "hpdv2.json"}
-# Flow-GRPO's and DiffusionNFT's test prompts: dataset/pickscore/test.txt of github.com/yifan123/flow_grpo (2,048).
-PICKSCORE_TEST_URL = ("https://raw.githubusercontent.com/yifan123/flow_grpo/ac4c86e8cae021841f1fde853d340e0db67690dd/"
-                      "dataset/pickscore/test.txt")
-PICKSCORE_TEST_SHA256 = "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262"
-
-
-class PromptSetError(UserError, RuntimeError):
-    pass
+# Prompt files in the checkout: the paper's training prompts (given by the user, or fetched by prefetch), and
+# Flow-GRPO's and DiffusionNFT's 2,048 test prompts (downloaded on first use).
+PROMPT_FILES = {"pickscore_train": PROJECT_ROOT / "prompt_sets" / "pickscore_train.txt",
+                "pickscore_test": PROJECT_ROOT / "prompt_sets" / "pickscore_test.txt"}
+DOWNLOADED_ON_USE = ("pickscore_test",)
+# The HPDv2 benchmark's 3,200 prompts (4 styles × 800), read from the Hugging Face cache: shared like the models
+# where HF_HOME is, and never written into a checkout that other nodes may not see.
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+HPDV2 = HubFiles("the HPDv2 benchmark prompts", "zhwang/HPDv2",
+                 tuple(f"benchmark/{style}.json" for style in HPDV2_STYLES), repo_type="dataset")
 
 
 class DreamSimLoadError(UserError, RuntimeError):
@@ -39,8 +36,6 @@ class DreamSimLoadError(UserError, RuntimeError):
 
 
 OFFLINE_PROMPTS = PROJECT_ROOT / "prompt_sets" / "demo.txt"
-HPDV2_REPO = "zhwang/HPDv2"  # a Hub dataset
-HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
 def prompt_set(name: str, offline: bool) -> list[str]:
@@ -48,41 +43,22 @@ def prompt_set(name: str, offline: bool) -> list[str]:
     if offline:
         distributed.print0(f"Random-weight model: using the offline prompts {OFFLINE_PROMPTS} for `{name}`.")
         return load_prompts(OFFLINE_PROMPTS)
-    path = PROMPT_SETS[name]
-    download = {"hpdv2": download_hpdv2, "pickscore_test": download_pickscore_test}.get(name)
-    if download is not None and not path.exists():
-        with distributed.rank0_first():
-            if distributed.is_main() and not path.exists():
-                download(path)
     if name == "hpdv2":
-        return json.loads(path.read_text())
+        return hpdv2_prompts()
+    path = PROMPT_FILES[name]
+    if name in DOWNLOADED_ON_USE and not path.exists():
+        with distributed.node_leaders_first():
+            if distributed.local_rank() == 0 and not path.exists():
+                download_prompts(path, PUBLISHED_PROMPTS[path.name])
     return load_prompts(path)
 
 
-def download_hpdv2(path: Path) -> None:
-    """The HPDv2 benchmark's 3,200 prompts (4 styles × 800) from the Hub dataset, once, into `path`."""
-    from huggingface_hub import hf_hub_download
-    with from_hub("the HPDv2 benchmark prompts", HPDV2_REPO, "--repo-type dataset --include 'benchmark/*.json'",
-                  hint=f" Or copy {path.name} from a checkout that has it to {path}."):
-        files = [hf_hub_download(HPDV2_REPO, f"benchmark/{style}.json", repo_type="dataset") for style in HPDV2_STYLES]
-    prompts = [prompt for file in files for prompt in json.loads(Path(file).read_text())]
-    path.write_text(json.dumps(prompts, indent=0) + "\n")
-
-
-def download_pickscore_test(path: Path, url: str = PICKSCORE_TEST_URL) -> None:
-    """Flow-GRPO's PickScore test prompts, once, into `path`, checked against the published file's SHA-256."""
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except OSError as e:
-        raise PromptSetError(f"Could not download the pickscore_test prompts from {url} ({e}). Without internet, copy "
-                             f"that file (Flow-GRPO's dataset/pickscore/test.txt) to {path}.") from None
-    if hashlib.sha256(data).hexdigest() != PICKSCORE_TEST_SHA256:
-        raise PromptSetError(f"The file downloaded from {url} is not Flow-GRPO's test.txt (its SHA-256 differs); "
-                             f"nothing was written to {path}.")
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+def hpdv2_prompts() -> list[str]:
+    """The HPDv2 benchmark prompts, style by style, from the Hub dataset (downloaded into the cache once)."""
+    with HPDV2.loading():
+        folder = HPDV2.local()
+        return [prompt for style in HPDV2_STYLES
+                for prompt in json.loads((folder / "benchmark" / f"{style}.json").read_text())]
 
 
 def select_prompts(prompts: list[str], num_prompts: int, seed: int) -> list[str]:
@@ -161,7 +137,8 @@ DINO_COMMIT = "7c446df5b9f45747937fb0d72314eb9f7b66930a"
 def load_dreamsim(device: torch.device):
     """DreamSim (its ensemble model, as the published evaluation), downloaded once into torch's hub cache
     (`<hub dir>/dreamsim`, not the working folder), with the DINO code it fetches pinned to DINO_COMMIT.
-    Rank 0 downloads first; the others then read the cache."""
+    Rank 0 downloads first, then the first rank of each other node (where the cache is per node), then the
+    others read the cache: never two processes downloading into one folder."""
     from dreamsim import dreamsim
     hub_dir, fetch = torch.hub.get_dir(), torch.hub.load
     cache = Path(hub_dir) / "dreamsim"
@@ -170,7 +147,7 @@ def load_dreamsim(device: torch.device):
     def pinned(repo: str, model: str, *args, **kwargs):
         repo = f"facebookresearch/dino:{DINO_COMMIT}" if repo == "facebookresearch/dino:main" else repo
         return fetch(repo, model, *args, trust_repo=True, **kwargs)
-    with distributed.rank0_first():
+    with distributed.node_leaders_first():
         torch.hub.load = pinned
         try:
             with warnings.catch_warnings():  # DreamSim's own code, news to no user (the published evaluation hides them)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +13,54 @@ import numpy as np
 from fdfo.config import project_path
 from fdfo.errors import UserError
 
-PICKSCORE_TRAIN_URL = (
-    "https://raw.githubusercontent.com/NVlabs/finite-difference-flow-optimization/main/prompt_sets/pickscore_train.txt"
-)
-
 
 class PromptFileError(UserError, FileNotFoundError):
     pass
 
 
+@dataclass(frozen=True)
+class PublishedPrompts:
+    """A published prompt file, known by its SHA-256."""
+
+    url: str
+    sha256: str
+
+
+# The paper trains on Flow-GRPO's Pick-a-Pic prompts (25,432; the published FDFO README points there), and
+# Flow-GRPO and DiffusionNFT evaluate on its test split (2,048): dataset/pickscore/ of github.com/yifan123/flow_grpo.
+FLOW_GRPO_FILES = "https://raw.githubusercontent.com/yifan123/flow_grpo/ac4c86e8cae021841f1fde853d340e0db67690dd"
+PUBLISHED_PROMPTS = {  # by the name of our copy in prompt_sets/
+    "pickscore_train.txt": PublishedPrompts(f"{FLOW_GRPO_FILES}/dataset/pickscore/train.txt",
+                                            "2f425adcbb9a6d0feee7c6c448e1cb83a1f71deca9434b803907e2578eca837f"),
+    "pickscore_test.txt": PublishedPrompts(f"{FLOW_GRPO_FILES}/dataset/pickscore/test.txt",
+                                           "d75c025fa451866e70f7e36243f7cdd93095523cb51f5f9651f2ce3236d20262"),
+}
+
+
+def download_prompts(path: Path, source: PublishedPrompts) -> None:
+    """The published file `source` into `path`, checked against its SHA-256; written whole or not at all (under
+    a name of this process's own first: two nodes writing into one shared folder cannot mix their bytes)."""
+    try:
+        with urllib.request.urlopen(source.url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise PromptFileError(f"Could not download the prompts from {source.url} ({e}). Without internet, copy that "
+                              f"file to {path}.") from None
+    if hashlib.sha256(data).hexdigest() != source.sha256:
+        raise PromptFileError(f"The file downloaded from {source.url} is not the published one (its SHA-256 differs); "
+                              f"nothing was written to {path}.")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 def load_prompts(path: Path) -> list[str]:
     """Non-empty lines of a prompt file."""
     path = project_path(path)
-    download = (f"\nDownload the paper's training prompts with:\n  curl -L -o prompt_sets/pickscore_train.txt "
-                f"{PICKSCORE_TRAIN_URL}" if path.name == "pickscore_train.txt" else "")
+    published = PUBLISHED_PROMPTS.get(path.name)
+    download = (f"\nDownload the published prompts with:\n  curl -L -o {path} {published.url}\nor fetch everything a "
+                "command needs with `python -m fdfo.prefetch -- train.py ...`." if published else "")
     if not path.is_file():
         raise PromptFileError(f"The prompt file {path} does not exist.{download}")
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoProcessor, CLIPModel
 
-from fdfo.model.loading import from_hub
+from fdfo.hub_files import HubFiles
 
 
 class ClipScore:
@@ -20,13 +20,12 @@ class ClipScore:
         self.processor, self.device = processor, device
 
     @classmethod
-    def from_pretrained(cls, name: str, model_id: str, processor_id: str, device: torch.device) -> ClipScore:
-        """The scorer `name` (for messages) from the Hub's `model_id`, with the processor of `processor_id`."""
-        with from_hub(f"the {name} scorer's model", model_id):
-            model = CLIPModel.from_pretrained(model_id, dtype=torch.float32)
-        with from_hub(f"the {name} scorer's processor", processor_id):
-            processor = AutoProcessor.from_pretrained(processor_id)
-        return cls(model, processor, device)
+    def from_pretrained(cls, model: HubFiles, processor: HubFiles, device: torch.device) -> ClipScore:
+        """The scorer of the Hub files `model`, with the processor of `processor`."""
+        with model.loading():
+            clip = CLIPModel.from_pretrained(model.local(), dtype=torch.float32)
+        with processor.loading():
+            return cls(clip, AutoProcessor.from_pretrained(processor.local()), device)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Differentiable in float `images` where gradients are enabled: the processor's resize, crop and

@@ -21,6 +21,7 @@ import torch
 
 import fdfo
 from fdfo.errors import UserError
+from fdfo.hub_files import HubFiles, merged_files, model_files, processor_files
 
 Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images (B, 3, H, W), prompts → (B,) float
 
@@ -193,6 +194,26 @@ def user_traceback(error: BaseException) -> str:
     return "\nTraceback of the scorer's code (most recent call last):\n" + "".join(traceback.format_list(frames)).rstrip()
 
 
+def clip_files(name: str, purpose: Literal["reward", "metric"]) -> tuple[HubFiles, HubFiles]:
+    """The Hub files of the CLIP-type scorer `name`: its model, and the processor `purpose` takes."""
+    model, train_processor, eval_processor = CLIP_SCORERS[name]
+    processor = train_processor if purpose == "reward" else eval_processor
+    return model_files(f"the {name} scorer's model", model), processor_files(f"the {name} scorer's processor", processor)
+
+
+def scorer_files(names: tuple[str, ...] | list[str], purpose: Literal["reward", "metric"],
+                 vlm_model_name: str) -> list[HubFiles]:
+    """What the scorers `names` read from the Hub (each repo's files once; the user's own scorers: nothing known)."""
+    from fdfo.rewards.vlm import vlm_files
+    wanted = []
+    for name in names:
+        if name in CLIP_SCORERS:
+            wanted += clip_files(name, purpose)
+        elif name in VLM_QUESTIONS:
+            wanted.append(vlm_files(vlm_model_name))
+    return merged_files(wanted)
+
+
 def local_models(scorers: list[Scorer]) -> list[torch.nn.Module]:
     """The networks `scorers` hold whole on this rank (not sharded), each once: frozen, so they can leave the GPU."""
     models = [scorer.model for scorer in scorers if isinstance(getattr(scorer, "model", None), torch.nn.Module)
@@ -237,9 +258,7 @@ class Scorers:
         if self.twins:
             return ClipScore(*random_clip(seed=list(CLIP_SCORERS).index(name), size=self.twins, device=self.device),
                              self.device)
-        model, train_processor, eval_processor = CLIP_SCORERS[name]
-        return ClipScore.from_pretrained(name, model, train_processor if self.purpose == "reward" else eval_processor,
-                                         self.device)
+        return ClipScore.from_pretrained(*clip_files(name, self.purpose), self.device)
 
     def vlm(self):
         from fdfo.rewards.twins import vlm_twin

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 
 from fdfo import distributed
-from fdfo.model.loading import from_hub
+from fdfo.hub_files import HubFiles, model_files
 
 VLM_MODELS = {"qwenvl-7b": "Qwen/Qwen2.5-VL-7B-Instruct", "qwenvl-3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 SYSTEM_PROMPT = "You are a helpful assistant."
 TRAIN_QUESTION = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+
+
+def vlm_files(name: str) -> HubFiles:
+    return model_files(f"the VLM {name}", VLM_MODELS[name])
 
 
 class YesNoVlm:
@@ -37,11 +41,12 @@ class YesNoVlm:
     def from_pretrained(cls, name: str, device: torch.device, shard: bool,
                         buffer_dtype: torch.dtype | None = None) -> YesNoVlm:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-        model_id = VLM_MODELS[name]
+        files = vlm_files(name)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with from_hub(f"the VLM {name}", model_id):
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(model_id)
+        with files.loading():
+            folder = files.local()
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(folder)
         return cls(model, processor, device, shard, buffer_dtype)
 
     @torch.no_grad()

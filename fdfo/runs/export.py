@@ -22,7 +22,7 @@ from fdfo.config import ExportConfig, check_export_config
 from fdfo.runs.hub import resolve_checkpoint
 from fdfo.model.lora import attach_lora_from, load_lora_weights
 from fdfo.model.lora_folder import PEFT_PREFIX, check_lora_folder
-from fdfo.model.loading import load_transformer, model_dtype
+from fdfo.model.loading import load_transformer, stored_dtype
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
 
@@ -37,12 +37,16 @@ def export_lora(checkpoint: Path, out: Path) -> Path:
     return out / WEIGHT_NAME
 
 
-def merged_transformer(checkpoint: Path, pretrained_model: str, precision: str) -> torch.nn.Module:
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def merged_transformer(checkpoint: Path, pretrained_model: str, dtype: str) -> torch.nn.Module:
     """The base model's transformer alone (not the pipeline: a fraction of the memory) with the LoRA of `checkpoint`
-    merged into its weights."""
+    merged into its weights in float32, then cast to `dtype` (auto: the dtype the base model is stored in)."""
     device = distributed.init()
-    transformer = load_transformer(pretrained_model, device, model_dtype(precision, device))
-    return attach_lora_from(transformer, checkpoint).merge_and_unload()  # W + alpha/rank · B·A
+    target = stored_dtype(pretrained_model) if dtype == "auto" else EXPORT_DTYPES[dtype]
+    transformer = load_transformer(pretrained_model, device, torch.float32)
+    return attach_lora_from(transformer, checkpoint).merge_and_unload().to(target)  # W + alpha/rank · B·A
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -50,11 +54,11 @@ def export(cfg: ExportConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
     check_lora_folder(checkpoint)  # a damaged or foreign folder would give a file diffusers rejects
     # The base model is loaded and the LoRA merged before anything is written: a missing model writes nothing.
-    merged = merged_transformer(checkpoint, cfg.pretrained_model, cfg.precision) if cfg.merged else None
+    merged = merged_transformer(checkpoint, cfg.pretrained_model, cfg.dtype) if cfg.merged else None
     path = export_lora(checkpoint, cfg.out)
     distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
     if merged is not None:
         merged.save_pretrained(cfg.out / "transformer")
-        distributed.print0(f"Wrote {cfg.out / 'transformer'}: load it with "
+        distributed.print0(f"Wrote {cfg.out / 'transformer'} ({str(merged.dtype).removeprefix('torch.')}): load it with "
                            f"SD3Transformer2DModel.from_pretrained({str(cfg.out / 'transformer')!r})")
     return path

@@ -10,7 +10,7 @@ from huggingface_hub import constants as hub_constants
 
 from fdfo.runs.checkpoint import CheckpointError, find_checkpoint
 from fdfo.runs.ema import ema_folder
-from fdfo.model.loading import from_hub
+from fdfo.hub_files import from_hub
 from fdfo.model.lora_folder import ADAPTER_FILES
 
 HUB_URL = re.compile(r"https://huggingface\.co/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)/(?P<subdir>.+?)/?$")
