@@ -244,7 +244,8 @@ class ExportConfig:
 
 
 MetricName = Literal[
-    "pickscore", "hpsv2", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo", "dreamsim_diversity"
+    "pickscore", "hpsv2", "image_reward", "hpsv3", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo",
+    "dreamsim_diversity",
 ]
 PromptSetName = Literal["pickscore_train", "pickscore_test", "hpdv2"]
 

@@ -11,11 +11,13 @@ import os
 import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from fdfo.model.lora import attach_lora, save_lora
 from fdfo.model.tiny import random_pipeline
-from fdfo.rewards.twins import random_clip, random_qwen_vl
+from fdfo.rewards.image_reward import published_weights
+from fdfo.rewards.twins import random_clip, random_hpsv3, random_image_reward, random_qwen_vl
 
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
 FDFO_CHECKPOINTS = "nvidia/finite-difference-flow-optimization"
@@ -32,7 +34,13 @@ NOT_READ = {
     "Qwen/Qwen2.5-VL-7B-Instruct": ["README.md"],
     "zhwang/HPDv2": ["train.json", "test.json", "benchmark/benchmark_imgs/photo/00000.jpg"],
     FDFO_CHECKPOINTS: ["README.md"],
+    "THUDM/ImageReward": ["README.md"],
+    "google-bert/bert-base-uncased": ["model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"],
+    "MizzenAI/HPSv3": ["README.md"],
+    "Qwen/Qwen2-VL-7B-Instruct": ["model-00001-of-00005.safetensors", "model-00005-of-00005.safetensors", "README.md"],
 }
+# HPSv3.safetensors names its weights as transformers 4.45's Qwen2-VL did (the package pins it).
+HPSV3_LEGACY_NAMES = [("model.language_model.", "model."), ("model.visual.", "visual.")]
 CLIP_REPOS = {"yuvalkirstain/PickScore_v1": 0, "adams-story/HPSv2-hf": 1, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": 2,
               "openai/clip-vit-large-patch14": 3}
 HPDV2_PROMPTS = {style: [f"an {style} picture of a lighthouse number {i}" for i in range(3)]
@@ -103,13 +111,46 @@ def build_fake_hub(cache: Path) -> Path:
                             weight.normal_(std=0.3)
                 save_lora(lora, folder / PUBLISHED_RUN / f"epoch-{epoch:07d}")
 
+        def image_reward(folder: Path) -> None:  # the package's two files
+            model, _, med_config = random_image_reward()
+            folder.mkdir(parents=True)
+            torch.save(published_weights(model), folder / "ImageReward.pt")
+            (folder / "med_config.json").write_text(json.dumps(med_config))
+
+        def bert(folder: Path) -> None:
+            random_image_reward()[1].save_pretrained(folder)
+
+        def hpsv3(folder: Path) -> None:
+            model, _ = random_hpsv3()
+            folder.mkdir(parents=True)
+            safetensors.torch.save_file({legacy_name(k): v.contiguous() for k, v in model.state_dict().items()},
+                                        folder / "HPSv3.safetensors")
+
+        def qwen2_vl(folder: Path) -> None:  # HPSv3's base: its configs and processor are read, not its weights
+            model, processor = random_hpsv3()
+            model.config.save_pretrained(folder)
+            processor.tokenizer = random_qwen_vl()[1].tokenizer  # the base model's, without HPSv3's reward token
+            save_processor_as_published(processor, folder)
+            (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+
         repo(SD35M, sd35m)
+        repo("THUDM/ImageReward", image_reward)
+        repo("google-bert/bert-base-uncased", bert)
+        repo("MizzenAI/HPSv3", hpsv3)
+        repo("Qwen/Qwen2-VL-7B-Instruct", qwen2_vl)
         for repo_id, seed in CLIP_REPOS.items():
             repo(repo_id, clip(seed))
         repo("Qwen/Qwen2.5-VL-7B-Instruct", qwen)
         repo("zhwang/HPDv2", hpdv2, repo_type="dataset")
         repo(FDFO_CHECKPOINTS, checkpoints)
     return cache
+
+
+def legacy_name(key: str) -> str:
+    for ours, legacy in HPSV3_LEGACY_NAMES:
+        if key.startswith(ours):
+            return legacy + key[len(ours):]
+    return key
 
 
 def save_processor_as_published(processor, folder: Path) -> None:

@@ -26,6 +26,8 @@ from tests.fake_hub import (FDFO_CHECKPOINTS, HPDV2_PROMPTS, NOT_READ, PUBLISHED
 PICKSCORE, CLIP_H, HPSV2, CLIP_L = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                                     "adams-story/HPSv2-hf", "openai/clip-vit-large-patch14")
 QWEN, HPDV2 = "Qwen/Qwen2.5-VL-7B-Instruct", "zhwang/HPDv2"
+IMAGE_REWARD, BERT, HPSV3, QWEN2 = ("THUDM/ImageReward", "google-bert/bert-base-uncased", "MizzenAI/HPSv3",
+                                    "Qwen/Qwen2-VL-7B-Instruct")
 PROCESSOR_FILES = {"config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
 RUN = f"hf:{FDFO_CHECKPOINTS}/{PUBLISHED_RUN}"
 FAST = ["--num-solver-steps", "2"]
@@ -76,13 +78,20 @@ def sd35m_files(hub):
     return {SD35M: all_read(hub, SD35M)}
 
 
-@pytest.mark.parametrize("preset,scorers", [
-    ("pickscore", lambda hub: {PICKSCORE: all_read(hub, PICKSCORE), CLIP_H: PROCESSOR_FILES}),
-    ("vlm_alignment", lambda hub: {QWEN: all_read(hub, QWEN)}),
-    ("combined", lambda hub: {PICKSCORE: all_read(hub, PICKSCORE), CLIP_H: PROCESSOR_FILES, QWEN: all_read(hub, QWEN)}),
-])
-def test_training_each_preset_reads_what_prefetch_fetches(hub, tmp_path, monkeypatch, preset, scorers):
-    args = ["--reward-preset", preset, "--prompt-file", "prompt_sets/demo.txt", "--runs-dir", str(tmp_path / "runs"),
+def preference_models(hub):
+    """ImageReward's two files and BERT's tokenizer; HPSv3's weights with Qwen2-VL's configs and processor."""
+    return {IMAGE_REWARD: all_read(hub, IMAGE_REWARD), BERT: all_read(hub, BERT), HPSV3: all_read(hub, HPSV3),
+            QWEN2: all_read(hub, QWEN2)}
+
+
+@pytest.mark.parametrize("reward,scorers", [
+    (["--reward-preset", "pickscore"], lambda hub: {PICKSCORE: all_read(hub, PICKSCORE), CLIP_H: PROCESSOR_FILES}),
+    (["--reward-preset", "vlm_alignment"], lambda hub: {QWEN: all_read(hub, QWEN)}),
+    ([], lambda hub: {PICKSCORE: all_read(hub, PICKSCORE), CLIP_H: PROCESSOR_FILES, QWEN: all_read(hub, QWEN)}),
+    (["--reward", "image_reward=1", "hpsv3=0.5"], preference_models),
+], ids=["pickscore", "vlm_alignment", "combined", "image_reward+hpsv3"])
+def test_training_each_preset_reads_what_prefetch_fetches(hub, tmp_path, monkeypatch, reward, scorers):
+    args = [*reward, "--prompt-file", "prompt_sets/demo.txt", "--runs-dir", str(tmp_path / "runs"),
             "--num-epochs", "2", "--total-pairs-per-epoch", "2", "--gradient-steps-per-epoch", "1", "--save-freq", "2",
             "--sample.num-solver-steps", "2", "--sample.max-sequence-length", "32"]
     files = prefetched(hub, "train.py", args, monkeypatch)
@@ -115,12 +124,13 @@ def test_generate_from_hf_a_hub_url_and_a_local_published_folder(hub, tmp_path, 
 
 
 def test_metrics_on_hpdv2_reads_what_prefetch_fetches(hub, tmp_path, monkeypatch):
-    metrics = ["pickscore", "hpsv2", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality", "vlm_photo"]
+    metrics = ["pickscore", "hpsv2", "image_reward", "hpsv3", "clip_h14", "clip_l14", "vlm_alignment", "vlm_quality",
+               "vlm_photo"]
     args = ["--checkpoint", RUN, "--num-prompts", "4", "--metrics", *metrics, "--out", str(tmp_path / "m.json"), *FAST]
     files = prefetched(hub, "metrics.py", args, monkeypatch)
     hpdv2 = {f"benchmark/{style}.json" for style in HPDV2_PROMPTS}
-    assert files == {**sd35m_files(hub), HPDV2: hpdv2, **{repo: all_read(hub, repo) for repo in
-                                                           (PICKSCORE, HPSV2, CLIP_H, CLIP_L, QWEN)}}
+    assert files == {**sd35m_files(hub), HPDV2: hpdv2, **preference_models(hub),
+                     **{repo: all_read(hub, repo) for repo in (PICKSCORE, HPSV2, CLIP_H, CLIP_L, QWEN)}}
     use_cache(monkeypatch, cache_of(hub, files, tmp_path / "hf" / "hub"))
     report = evaluate(parse(MetricsConfig, args))
     assert set(report["results"]) == set(metrics) and report["num_prompts"] == 4

@@ -49,9 +49,12 @@ VLM_QUESTIONS = {
     "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
 }
 TRAIN_VLM_RESIZE = 504
-SCORER_NAMES = ("brightness", "compressibility", *CLIP_SCORERS, *VLM_QUESTIONS)
+# Preference models of their own architecture: ImageReward (BLIP) and HPSv3 (Qwen2-VL).
+PREFERENCE_MODELS = ("image_reward", "hpsv3")
+SCORER_NAMES = ("brightness", "compressibility", *CLIP_SCORERS, *PREFERENCE_MODELS, *VLM_QUESTIONS)
 # Scores without a gradient w.r.t. the image: a JPEG's size, and a VLM's answer to a question about a resized image.
-NOT_DIFFERENTIABLE = ("compressibility", *VLM_QUESTIONS)
+# HPSv3's score goes through Qwen2-VL's image processor, whose patching is not kept differentiable here.
+NOT_DIFFERENTIABLE = ("compressibility", "hpsv3", *VLM_QUESTIONS)
 # The reward models that go with a random base model: tiny twins, or full-size random weights.
 TWINS = {"tiny": "tiny", "sd35m-random": "full"}
 
@@ -101,7 +104,7 @@ def check_differentiable(terms: list[tuple[str, float]], method: str) -> None:
         if name in NOT_DIFFERENTIABLE:
             raise RewardSpecError(f"The reward term `{name}` has no gradient w.r.t. the image, and --method {method} "
                                   "back-propagates the reward: use differentiable terms (brightness, "
-                                  f"{', '.join(CLIP_SCORERS)}) or another --method.")
+                                  f"{', '.join(CLIP_SCORERS)}, image_reward) or another --method.")
 
 
 def check_term(name: str) -> None:
@@ -209,6 +212,12 @@ def scorer_files(names: tuple[str, ...] | list[str], purpose: Literal["reward", 
     for name in names:
         if name in CLIP_SCORERS:
             wanted += clip_files(name, purpose)
+        elif name == "image_reward":
+            from fdfo.rewards.image_reward import BERT_TOKENIZER, IMAGE_REWARD
+            wanted += [IMAGE_REWARD, BERT_TOKENIZER]
+        elif name == "hpsv3":
+            from fdfo.rewards.hpsv3 import HPSV3, QWEN2_VL
+            wanted += [HPSV3, QWEN2_VL]
         elif name in VLM_QUESTIONS:
             wanted.append(vlm_files(vlm_model_name))
     return merged_files(wanted)
@@ -250,6 +259,10 @@ class Scorers:
             return Compressibility()
         if name in CLIP_SCORERS:
             return self.clip(name)
+        if name == "image_reward":
+            return self.image_reward()
+        if name == "hpsv3":
+            return self.hpsv3()
         return VlmQuestion(self.vlm(), name, self.purpose)
 
     def clip(self, name: str):
@@ -259,6 +272,23 @@ class Scorers:
             return ClipScore(*random_clip(seed=list(CLIP_SCORERS).index(name), size=self.twins, device=self.device),
                              self.device)
         return ClipScore.from_pretrained(*clip_files(name, self.purpose), self.device)
+
+    def image_reward(self):
+        from fdfo.rewards.image_reward import ImageRewardScore
+        from fdfo.rewards.twins import random_image_reward
+        if self.twins:
+            model, tokenizer, _ = random_image_reward(size=self.twins, device=self.device)
+            return ImageRewardScore(model, tokenizer, self.device)
+        return ImageRewardScore.from_pretrained(self.device)
+
+    def hpsv3(self):
+        from fdfo.rewards.hpsv3 import Hpsv3Score
+        from fdfo.rewards.twins import random_hpsv3
+        if self.twins:
+            full = self.twins == "full"
+            return Hpsv3Score(*random_hpsv3(size="7b" if full else "tiny", device=self.device,
+                                            dtype=torch.bfloat16 if full else torch.float32), self.device)
+        return Hpsv3Score.from_pretrained(self.device)
 
     def vlm(self):
         from fdfo.rewards.twins import vlm_twin

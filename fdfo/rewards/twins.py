@@ -78,21 +78,12 @@ QWEN_SHAPES = {
 }
 
 
-def random_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-    """A random Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder);
-    `size="7b"` gives Qwen2.5-VL-7B's shapes, for benchmarks."""
-    from fdfo.model.tiny import default_dtype
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tokenizer = qwen_tokenizer()
+def qwen_config(config_class, text_shape: dict, vision_shape: dict, tokenizer):
+    """A Qwen-VL config of `config_class` (Qwen2-VL or Qwen2.5-VL) at the given shapes, with our tokenizer's ids."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    text_shape, vision_shape = QWEN_SHAPES[size]
     text_shape = dict(text_shape)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": text_shape.pop("mrope_section")}
-    config = Qwen2_5_VLConfig(
+    return config_class(
         text_config=dict(**{"vocab_size": len(tokenizer), **text_shape}, max_position_embeddings=4096,
                          rope_parameters=rope, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
@@ -100,13 +91,96 @@ def random_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def qwen_processor(processor_class, tokenizer):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                           video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def random_qwen_vl(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """A random Qwen2.5-VL with the real structure (windowed vision tower, patch merger, M-RoPE decoder);
+    `size="7b"` gives Qwen2.5-VL-7B's shapes, for benchmarks."""
+    from fdfo.model.tiny import default_dtype
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = qwen_tokenizer()
+    config = qwen_config(Qwen2_5_VLConfig, *QWEN_SHAPES[size], tokenizer)
     with torch.random.fork_rng(devices=[]), torch.device(device), default_dtype(dtype):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+    return model, qwen_processor(Qwen2_5_VLProcessor, tokenizer)
+
+
+# Qwen2-VL's vision tower (HPSv3's base): full attention in every block, LayerNorm and a GELU MLP.
+QWEN2_VISION_SHAPES = {"tiny": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
+                       "7b": dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)}
+
+
+def random_hpsv3(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+    """A random HPSv3 (Qwen2-VL with the reward token and head); `size="7b"`: its real shapes, for benchmarks."""
+    from fdfo.model.tiny import default_dtype
+    from fdfo.rewards.hpsv3 import Hpsv3Model, reward_token
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+
+    processor = qwen_processor(Qwen2VLProcessor, qwen_tokenizer())
+    reward_token(processor)
+    config = qwen_config(Qwen2VLConfig, QWEN_SHAPES[size][0], QWEN2_VISION_SHAPES[size], processor.tokenizer)
+    with torch.random.fork_rng(devices=[]), torch.device(device), default_dtype(dtype):
+        torch.manual_seed(seed)
+        model = Hpsv3Model(config)
     return model, processor
+
+
+def bert_tokenizer():
+    """Character-level WordPiece tokenizer with BERT's special tokens ([PAD] = 0, as in bert-base-uncased)."""
+    import string
+
+    from transformers import BertTokenizer
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(string.ascii_lowercase + string.digits
+                                                                          + string.punctuation))
+    pieces += ["##" + p for p in pieces[5:]]
+    return BertTokenizer(vocab={p: i for i, p in enumerate(pieces)})
+
+
+# ImageReward's published shapes (BLIP ViT-L/16 at 224 px, BERT-base), and tiny ones (heads of 64 as BLIP's).
+IMAGE_REWARD_SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, patch_size=32),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+    "full": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, patch_size=16),
+             dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)),
+}
+
+
+def image_reward_med_config(size: str, vocab_size: int) -> dict:
+    """The text encoder's med_config.json (BERT's fields), as the package's file."""
+    return {**IMAGE_REWARD_SHAPES[size][1], "vocab_size": vocab_size, "max_position_embeddings": 512,
+            "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0, "add_cross_attention": True,
+            "model_type": "bert", "encoder_width": IMAGE_REWARD_SHAPES[size][0]["hidden_size"]}
+
+
+def random_image_reward(seed: int = 0, size: str = "tiny", device: torch.device | str = "cpu"):
+    """A random ImageReward (BLIP ViT, cross-attending BERT, linear head) and its tokenizer, with med_config.json."""
+    from fdfo.rewards.image_reward import VIT_HEAD_DIM, ImageRewardModel, text_config
+    from transformers import BlipVisionConfig
+
+    tokenizer = bert_tokenizer()
+    vision_shape = IMAGE_REWARD_SHAPES[size][0]
+    vision = BlipVisionConfig(**vision_shape, num_attention_heads=vision_shape["hidden_size"] // VIT_HEAD_DIM,
+                              image_size=224, layer_norm_eps=1e-6, hidden_act="gelu",
+                              initializer_range=0.02)  # BLIP's default, 1e-10, would draw an image-blind twin
+    med_config = image_reward_med_config(size, len(tokenizer))
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = ImageRewardModel(vision, text_config(med_config, vision.hidden_size))
+        for layer in model.head:  # unit gain through the five linear layers: scores that vary visibly
+            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+    return model, tokenizer, med_config
 
 
 def vlm_twin(twins: str, device: torch.device | str):
