@@ -129,7 +129,7 @@ def test_terms_and_weights_from_the_command_line():
 
 @pytest.mark.parametrize("spec,message", [
     ("aesthetic=1", "Unknown reward term `aesthetic`; known terms are: brightness, compressibility, pickscore, hpsv2, "
-                    "clip_h14, clip_l14, vlm_alignment, vlm_quality, vlm_photo; or name your own"),
+                    "clip_h14, clip_l14, image_reward, hpsv3, vlm_alignment, vlm_quality, vlm_photo; or name your own"),
     ("pickscore=high", "the weight `high` is not a finite number"),
     ("pickscore=nan", "the weight `nan` is not a finite number"),
     ("no_such_module_xyz:score=1", "importing `no_such_module_xyz` failed .ModuleNotFoundError"),
