@@ -240,7 +240,7 @@ class ExportConfig:
     out: Path | None = None  # folder to write pytorch_lora_weights.safetensors into
     merged: bool = False  # also write the transformer with the LoRA merged into its weights, to <out>/transformer
     pretrained_model: str = SD35_MEDIUM  # base model whose transformer --merged merges into: Hub id, local folder or `tiny`
-    dtype: ExportDtype = "auto"  # dtype the merged transformer is written in (merged in fp32); auto = the base model's stored dtype (SD3.5: bf16)
+    dtype: ExportDtype = "auto"  # dtype the merged transformer is written in (merged in fp32); auto = the dtype the base model's transformer is stored in
 
 
 MetricName = Literal[

@@ -104,14 +104,15 @@ class HubFiles:
             raise FileNotFoundError(f"no file of the repo matches {' or '.join(self.patterns)}")
         return files
 
-    def local(self) -> Path:
-        """The local folder holding these files (call it inside `loading()`): downloaded into the Hugging Face
-        cache where it lacks them (only these files), or the folder itself for a local folder."""
+    def local(self, files: list[str] | None = None) -> Path:
+        """The local folder holding these files (call it inside `loading()`; `files`: their list if already
+        known): downloaded into the Hugging Face cache where it lacks them (only these files), or the folder
+        itself for a local folder."""
         if self.is_local:
             return Path(self.repo_id)
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(self.repo_id, repo_type=self.repo_type, revision=self.revision,
-                                      allow_patterns=self.files()))
+                                      allow_patterns=self.files() if files is None else files))
 
 
 def repo_files(repo_id: str, repo_type: str, revision: str) -> list[str]:

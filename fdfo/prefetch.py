@@ -95,25 +95,29 @@ def fetch(found: Needs) -> list[tuple[str, int, int]]:
     fetched = []
     for files in tqdm(found.hub, desc="repos", unit="repo", disable=not found.hub):
         with files.loading():
-            folder = files.local()
-            paths = [folder / f for f in files.files()]
-        fetched.append((f"{files.repo_id} ({files.what})", len(paths), sum(p.stat().st_size for p in paths)))
+            names = files.files()
+            folder = files.local(names)
+        fetched.append(sized(f"{files.repo_id} ({files.what})", [folder / name for name in names]))
     if found.checkpoint is not None:
         folder = resolve_checkpoint(found.checkpoint)
-        paths = [p for p in folder.rglob("*") if p.is_file()]
-        fetched.append((f"{found.checkpoint} ({folder.name})", len(paths), sum(p.stat().st_size for p in paths)))
+        fetched.append(sized(f"{found.checkpoint} ({folder.name})", folder.rglob("*")))
     for path in found.prompt_files:
         path = project_path(path)
         if not path.exists():
             download_prompts(path, PUBLISHED_PROMPTS[path.name])
-        fetched.append((str(path), 1, path.stat().st_size))
+        fetched.append(sized(str(path), [path]))
     if found.dreamsim:
         from fdfo.evaluation.protocol import load_dreamsim
         load_dreamsim(torch.device("cpu"))
         cache = Path(torch.hub.get_dir()) / "dreamsim"
-        paths = [p for p in cache.rglob("*") if p.is_file()]
-        fetched.append((f"DreamSim ({cache})", len(paths), sum(p.stat().st_size for p in paths)))
+        fetched.append(sized(f"DreamSim ({cache})", cache.rglob("*")))
     return fetched
+
+
+def sized(what: str, paths) -> tuple[str, int, int]:
+    """(what, number of files, bytes) of the files among `paths`."""
+    files = [p for p in paths if p.is_file()]
+    return what, len(files), sum(p.stat().st_size for p in files)
 
 
 def summary(fetched: list[tuple[str, int, int]]) -> str:

@@ -16,14 +16,10 @@ from fdfo.rewards.image_reward import (MEAN, STD, ImageRewardError, ImageRewardS
                                        published_weights)
 from fdfo.rewards.registry import RewardSpecError, check_differentiable
 from fdfo.rewards.twins import random_hpsv3, random_image_reward
+from tests.test_rewards import smooth_images
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat", "an astronaut riding a horse on the moon, oil painting, highly detailed"]
-
-
-def smooth_images(n, size, seed):
-    coarse = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
 
 
 @pytest.fixture(scope="module")

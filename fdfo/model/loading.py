@@ -94,9 +94,10 @@ def stored_dtype(name: str) -> torch.dtype:
     from safetensors import safe_open
     files = transformer_files(name)
     with files.loading():
-        weights = sorted((files.local() / "transformer").glob("*.safetensors"))
+        folder = files.local() / "transformer"
+        weights = sorted(folder.glob("*.safetensors"))
         if not weights:
-            raise FileNotFoundError(f"no .safetensors weights in {files.local() / 'transformer'}")
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
         with safe_open(weights[0], framework="pt") as f:
             return SAFETENSORS_DTYPES[f.get_slice(next(iter(f.keys()))).get_dtype()]
 

@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
+from fdfo.errors import UserError
 from fdfo.hub_files import HubFiles, processor_files
 
 HPSV3 = HubFiles("the hpsv3 scorer's model", "MizzenAI/HPSv3", ("HPSv3.safetensors",))
@@ -33,6 +34,10 @@ FACTOR = 28  # patch 14 × merge 2
 # HPSv3.safetensors names its weights as transformers 4.45's Qwen2-VL did (the package pins it): → ours.
 LEGACY_NAMES = {r"^model\.(?!language_model\.|visual\.)": "model.language_model.", r"^visual\.": "model.visual."}
 PROMPT = (Path(__file__).parent / "hpsv3_prompt.txt").read_text()
+
+
+class Hpsv3Error(UserError, ValueError):
+    """HPSv3.safetensors does not fit the model; the message says which weights."""
 
 
 class Hpsv3Model(Qwen2VLForConditionalGeneration):
@@ -107,7 +112,7 @@ class Hpsv3Score:
             model, info = Hpsv3Model.from_pretrained(folder, dtype=dtype, key_mapping=LEGACY_NAMES,
                                                      output_loading_info=True)
         if info["missing_keys"] or info["unexpected_keys"]:
-            raise ValueError(f"HPSv3.safetensors does not fit HPSv3's model: missing {sorted(info['missing_keys'])[:5]}, "
+            raise Hpsv3Error(f"HPSv3.safetensors does not fit HPSv3's model: missing {sorted(info['missing_keys'])[:5]}, "
                              f"unexpected {sorted(info['unexpected_keys'])[:5]}; is it MizzenAI/HPSv3's file?")
         return cls(model, processor, device)
 

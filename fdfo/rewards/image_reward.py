@@ -21,6 +21,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from fdfo.errors import UserError
 from fdfo.hub_files import HubFiles, processor_files
 
 IMAGE_REWARD = HubFiles("the image_reward scorer's model", "THUDM/ImageReward", ("ImageReward.pt", "med_config.json"))
@@ -50,8 +51,8 @@ KEY_MAP = [
 UNUSED = re.compile(r"blip\.(vision_proj|text_proj)\.|.*position_ids$")  # the ITC projections; a buffer
 
 
-class ImageRewardError(ValueError):
-    pass
+class ImageRewardError(UserError, ValueError):
+    """ImageReward.pt is not the published file's layout; the message says which weight."""
 
 
 def renamed(key: str, pairs: list[tuple[str, str]]) -> str | None:
