@@ -45,7 +45,22 @@ def spanned(name: str, function):
     return wrapper
 
 
+PEAK_GIB = {"reserved": 0.0, "allocated": 0.0}  # the whole run's, though PhaseTimer resets the peaks per phase
+
+
+def fold_peaks() -> None:
+    if torch.cuda.is_available():
+        PEAK_GIB["reserved"] = max(PEAK_GIB["reserved"], torch.cuda.max_memory_reserved() / 2**30)
+        PEAK_GIB["allocated"] = max(PEAK_GIB["allocated"], torch.cuda.max_memory_allocated() / 2**30)
+
+
 def instrument() -> None:
+    reset = torch.cuda.reset_peak_memory_stats
+
+    def folding_reset(device=None):
+        fold_peaks()
+        reset(device)
+    torch.cuda.reset_peak_memory_stats = folding_reset
     training_loop.set_up = spanned("set_up (all)", training_loop.set_up)
     learner.load_pipeline = spanned("base model built", learner.load_pipeline)
     learner.build_reward = spanned("reward models built", learner.build_reward)
@@ -66,12 +81,13 @@ def main() -> None:
         run = training_loop.train(cfg)
         log = read_log(run)
     end = time.time() - LAUNCH
+    fold_peaks()
     steps = [row for row in log if row["kind"] == "step"]
     epochs = [row for row in log if row["kind"] == "epoch"]
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "args": train_args, "imports_s": IMPORTED,
         "spans_s": SPANS, "launch_to_first_optimiser_step_s": steps[0]["wall_time"] - LAUNCH,
-        "launch_to_end_s": end,
+        "launch_to_end_s": end, "peak_gib": PEAK_GIB,
         "epochs": [{k: round(v, 2) for k, v in e.items() if k.startswith("time_") or k == "pairs_per_s"}
                    for e in epochs],
     }

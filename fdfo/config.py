@@ -185,6 +185,7 @@ class TrainConfig:
     accept_changed_prompts: bool = False  # on resume, train on prompts that differ from the checkpoint's (recorded in config.json's history); otherwise refused
     log_wandb: bool = False  # also log to Weights & Biases
     memory_efficient: bool = True  # text encoders off the GPU after encoding, reward models off it while training
+    max_memory_gib: float | None = None  # fit each GPU's peak within this many GiB (e.g. 22 on a 24 GB card): batch sizes as executed and activation checkpointing chosen to fit, frozen models parked at once, the allocator capped; same paper split and pairs, slower
     precision: TrainPrecision = "auto"  # numerics of sampling and training alike: fp16 = the published recipe (fp16 autocast over bf16 weights, fp32 LoRA, gradient scaler); bf16 autocast; fp32; auto = fp16 on GPU, fp32 on CPU
     compile: CompileMode = "auto"  # torch.compile each transformer block (sampling and training alike); auto = on GPU only
     dry_run: bool = False  # print the resolved configuration and stop before loading any model
@@ -341,6 +342,10 @@ def check_train_config(cfg: TrainConfig) -> None:
                         ("--train.batch-size", t.batch_size), ("--train.micro-batch", t.micro_batch)]:
         require(value is None or value >= 1, f"{flag} must be at least 1 (or left unset); got {value}.")
     check_resolution(sample.resolution, "--sample.resolution")
+    require(cfg.max_memory_gib is None or cfg.max_memory_gib > 0,
+            f"--max-memory-gib must be a positive number of GiB (or left unset); got {cfg.max_memory_gib}.")
+    require(cfg.max_memory_gib is None or cfg.memory_efficient, "--max-memory-gib parks the frozen models "
+            "off the GPU while they are not used: drop --no-memory-efficient.")
     require(sample.churn_weight >= 0, f"--sample.churn-weight must be 0 or more (the paper's is 0.0025); got "
                                       f"{sample.churn_weight}.")
     require(sample.guidance_scale >= 0, f"--sample.guidance-scale must be 0 or more (1 = no guidance); got "

@@ -25,6 +25,7 @@ class BatchPlan:
     sampling_batch: int  # pairs per sampling call
     micro_batch: int  # (sample, timestep) items per forward/backward
     micro_batches_per_step: int  # micro-batches of `micro_batch` items in one optimiser step
+    activation_checkpointing: bool = False  # blocks recomputed in the backward pass (--max-memory-gib may choose it)
 
     @property
     def sampling_calls(self) -> int:

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fdfo import distributed, signals
 from fdfo.errors import UserError
 from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig
+from fdfo.harness import memory
 from fdfo.model.compile import compile_blocks, should_compile
 from fdfo.model.loading import load_pipeline, training_dtypes
 from fdfo.model.lora import attach_lora, load_lora, load_lora_copy, trainable
@@ -165,18 +166,25 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies
     keeps at the LoRA's weights; restore them all from `resume`. `park_rewards`: the reward models may leave
     the GPU while the LoRA trains (with --memory-efficient)."""
     weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
+    if cfg.max_memory_gib is not None:
+        memory.cap(cfg.max_memory_gib, device)
     pipe = load_pipeline(cfg.pretrained_model, device, weights_dtype)
     pipe.vae.enable_slicing()  # decode one image at a time, as the published sampler: the decoder's peak memory / 12
     lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     if should_compile(cfg.compile, device):
         compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
+    # Frozen models leave the GPU while not in use: leaving costs nothing, coming back one copy. Under a memory
+    # budget, each group leaves as soon as it is built, so that they never share the GPU.
+    text_encoders = Parking([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+                            if cfg.memory_efficient else [], device)
+    if cfg.max_memory_gib is not None:
+        text_encoders.park()
     scorers = Scorers(device, twins_for(cfg.pretrained_model), purpose="reward", vlm_model_name=cfg.vlm_model_name,
                       shard_vlm=cfg.vlm_use_fsdp, vlm_buffers=cfg.vlm_buffers)
     reward = build_reward(reward_terms(cfg.reward_preset, cfg.reward), scorers)
-    # Frozen models leave the GPU while not in use: leaving costs nothing, coming back one copy.
-    text_encoders = Parking([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-                            if cfg.memory_efficient else [], device)
     reward_models = Parking(reward.local_models() if cfg.memory_efficient and park_rewards else [], device)
+    if cfg.max_memory_gib is not None:
+        reward_models.park()
     optimizer = torch.optim.AdamW(trainable(lora), **optimizer_settings(cfg.train))
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     ema = start_ema(lora, cfg.ema_decay, cfg.ema_interval, cfg.ema_repeats) if cfg.ema_decay else None

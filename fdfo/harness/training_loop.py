@@ -11,6 +11,7 @@ from fdfo.config import TrainConfig, check_train_config, to_jsonable
 from fdfo.evaluation.before_after import BEFORE_AFTER, write_before_after
 from fdfo.harness.batching import BatchSizes, plan_batches
 from fdfo.harness.console import announce, epoch_line, stop_message
+from fdfo.harness import memory
 from fdfo.harness.learner import Passes, set_up
 from fdfo.harness.optimise import optimise_epoch
 from fdfo.harness.prompts import PromptStream, load_prompts, prompts_digest
@@ -46,6 +47,13 @@ def train(cfg: TrainConfig) -> Path:
 
     # Set up the model, its LoRA, the reward and the optimiser (restored from the checkpoint on resume).
     learner = set_up(cfg, device, resume, method.lora_copies, park_rewards=not method.needs_gradients)
+    if cfg.max_memory_gib is not None:  # batch sizes as executed that fit the budget (the paper's split stays)
+        fitted = memory.fit(cfg.max_memory_gib, plan, memory.shapes(learner, cfg.sample, method.items_per_sample),
+                            memory.sizes(learner, device))
+        plan = fitted.plan
+        if plan.activation_checkpointing:
+            learner.pipe.transformer.enable_gradient_checkpointing()
+        distributed.print0(fitted.describe(cfg.max_memory_gib))
     run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
     lock.hold(run_dir)  # a new run's or a branch's folder; a run continued in place holds its lock already
     log = RunLog(run_dir, cfg.log_wandb, resume_epoch=learner.epochs_done if resume else None)
