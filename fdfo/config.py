@@ -344,6 +344,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     check_resolution(sample.resolution, "--sample.resolution")
     require(cfg.max_memory_gib is None or cfg.max_memory_gib > 0,
             f"--max-memory-gib must be a positive number of GiB (or left unset); got {cfg.max_memory_gib}.")
+    require(cfg.max_memory_gib is None or cfg.method in ("fdfo", "flow_grpo", "diffusion_nft"),
+            f"--max-memory-gib estimates the memory of fdfo, flow_grpo and diffusion_nft; {cfg.method}'s (reward "
+            "gradients, long back-propagation) is not modelled yet: set --train.micro-batch yourself instead.")
     require(cfg.max_memory_gib is None or cfg.memory_efficient, "--max-memory-gib parks the frozen models "
             "off the GPU while they are not used: drop --no-memory-efficient.")
     require(sample.churn_weight >= 0, f"--sample.churn-weight must be 0 or more (the paper's is 0.0025); got "

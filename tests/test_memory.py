@@ -27,23 +27,23 @@ def test_the_fastest_sizes_that_fit_by_hand():
     fitted = memory.fit(22, plan, SD35M, SANITY)
     # Usable: 0.9 × 22 = 19.8 GiB. Training holds 5.3 + 0.21 + 0.625 (32 trajectories of 20 MiB) + 3.4 = 9.535 GiB
     # before activations; an item keeps 1229 · 1536 · 24 · 33.8 B = 1.426 GiB plain, so at most 7.2 items fit
-    # (micro-batch 5, 23.5 ms per item), or 1229 · 1536 · (24 · 12.5 + 33.8) B = 0.587 GiB checkpointed, 17.5 items
-    # (micro-batch 16, 12.9 ms × 1.35 = 17.4 ms per item): checkpointing at 16 is faster.
-    assert (fitted.plan.sampling_batch, fitted.plan.micro_batch, fitted.plan.activation_checkpointing) == (16, 16, True)
-    assert fitted.plan.micro_batches_per_step == 20
+    # (micro-batch 5, 23.5 ms per item), or 1229 · 1536 · (24 · 12.5 + 33.8) B = 0.587 GiB checkpointed, 17.5 items,
+    # capped at the plan's 10 (16.0 ms × 1.42 = 22.7 ms per item): checkpointing at 10 is faster.
+    assert (fitted.plan.sampling_batch, fitted.plan.micro_batch, fitted.plan.activation_checkpointing) == (16, 10, True)
+    assert fitted.plan.micro_batches_per_step == 32
     row = 1229 * 1536
     stored = 32 * 2 * 40 * 65536 * 4 / GIB
-    assert fitted.peaks_gib["train"] == pytest.approx(5.3 + 0.21 + stored + 3.4 + 16 * row * (24 * 12.5 + 33.8) / GIB,
+    assert fitted.peaks_gib["train"] == pytest.approx(5.3 + 0.21 + stored + 3.4 + 10 * row * (24 * 12.5 + 33.8) / GIB,
                                                       rel=1e-6)
     assert fitted.peaks_gib["sample"] == pytest.approx(5.3 + 3.67 + stored + 1.5 + 32 * row * 40 / GIB, rel=1e-6)
     assert fitted.peaks_gib["encode"] == pytest.approx(5.3 + 10.4, rel=1e-6)
     assert all(peak <= 0.9 * 22 for peak in fitted.peaks_gib.values())
-    assert memory.item_ms_plain(5) == pytest.approx(23.5) and memory.item_ms_plain(16) == pytest.approx(12.9)
+    assert memory.item_ms_plain(5) == pytest.approx(23.5) and memory.item_ms_plain(10) == pytest.approx(16.0)
 
 
 def test_a_budget_that_fits_the_defaults_changes_nothing():
     plan = plan_batches(16, 1)
-    # 36 GiB usable: micro-batch 10 plain (23.8 GiB, 16.0 ms per item) beats checkpointing at 20 (16.9 ms).
+    # 36 GiB usable: micro-batch 10 fits plain (23.8 GiB), faster than any checkpointed micro-batch.
     assert memory.fit(40, plan, SD35M, SANITY).plan == plan
 
 
@@ -52,6 +52,8 @@ def test_a_budget_below_the_models_is_refused_with_what_they_need():
         memory.fit(12, plan_batches(16, 1), SD35M, SANITY)
     with pytest.raises(ConfigError, match="--max-memory-gib must be a positive"):
         check_train_config(parse_train_config(["--max-memory-gib", "-1"]))
+    with pytest.raises(ConfigError, match="draft's .* not modelled"):
+        check_train_config(parse_train_config(["--method", "draft", "--max-memory-gib", "22"]))
 
 
 def test_activation_checkpointing_leaves_the_gradient_unchanged(tiny_pipe):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fdfo import distributed
 from fdfo.config import ConfigError, SampleConfig
 from fdfo.harness.batching import BatchPlan
 from fdfo.model.lora import trainable
@@ -32,18 +33,17 @@ GIB = 2**30
 # Activation bytes per (block · token · channel) of one transformer row, and fixed costs (workspaces, the decoder's
 # one image, the allocator's rounding), measured as above.
 TRAIN_BYTES = 33.8  # kept for the backward pass through a block: the profile's 1.43 GiB per item
-CHECKPOINTED_BYTES = 12.5  # kept per block when blocks are recomputed in the backward pass: 20.8 GiB allocated at
-# micro-batch 20 in the 22-GiB run
+CHECKPOINTED_BYTES = 12.5  # kept per block when blocks are recomputed in the backward pass: from the 22-GiB run's
+# whole-run peak (20.8 GiB allocated at micro-batch 20), an upper bound if that peak was not in training
 SAMPLE_BYTES = 40.0  # live at once in a no-grad block (sampling keeps no block's activations); an upper bound:
 # 11.7 GiB measured where this estimates 13.3 (16 pairs per call)
 TRAIN_FIXED_GIB = 3.4  # the profile's peak at micro-batch 6 less its activations and weights
 SAMPLE_FIXED_GIB = 1.5
 # Milliseconds per training item by micro-batch (the profile's), linear in 1 / micro-batch between and below the
-# points; recomputing the blocks' forward passes costs a third more (the 22-GiB run's 16.9 ms per item at 20).
+# points; recomputing the blocks' forward passes costs 42 % more (the 22-GiB run's 17.8 ms per item at 20).
 ITEM_MS = ((24, 12.3), (12, 13.5), (10, 16.0), (6, 21.0))
-CHECKPOINTING_SLOWDOWN = 1.35
+CHECKPOINTING_SLOWDOWN = 1.42
 HEADROOM = 0.9  # of the budget: what the caching allocator reserves beyond what is allocated
-MAX_MICRO_BATCH = 24  # with checkpointing; larger micro-batches are no faster per item
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ def fit(budget_gib: float, plan: BatchPlan, shapes: Shapes, sizes: Sizes) -> Mem
 
     calls = [b for b in divisors(plan.pairs_per_rank, plan.sampling_batch) if sample_peak(b) <= usable]
     items_per_step = plan.micro_batch * plan.micro_batches_per_step
-    options = [(m, c) for c in (False, True)
-               for m in divisors(items_per_step, max(plan.micro_batch, MAX_MICRO_BATCH) if c else plan.micro_batch)
+    options = [(m, c) for c in (False, True) for m in divisors(items_per_step, plan.micro_batch)
                if train_peak(m, c) <= usable]
     at_rest = max(encode, sample_peak(1), train_peak(1, True))
     if encode > usable or not calls or not options:
@@ -163,6 +162,8 @@ def sizes(learner: Learner, device: torch.device) -> Sizes:
     included), on the CPU counted."""
     resident = (torch.cuda.memory_allocated(device) if device.type == "cuda" else
                 tensor_bytes([learner.pipe.transformer, learner.pipe.vae]))
+    # The largest of all ranks: every rank must choose the same sizes (its collectives count on them).
+    resident = int(distributed.all_gather_tensor(torch.tensor([resident], device=device)).max())
     optimiser = 3 * tensor_bytes_of(trainable(learner.lora))  # gradients, AdamW's two moments (made at the first step)
     gpu = device.type == "cuda"
     return Sizes(resident=resident, optimiser=optimiser,

@@ -72,6 +72,7 @@ def train(cfg: TrainConfig) -> Path:
 
                 # Optimise the LoRA on (sample, timestep) items shuffled across ranks (§4).
                 steps = optimise_epoch(learner, items, plan, timer)
+                del items  # not held on the GPU through the next epoch's encoding and sampling
                 learner.epochs_done = epoch + 1
 
                 # Report.
