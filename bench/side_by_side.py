@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.published_timing import published_checkout  # noqa: E402
 from fdfo.model.tiny import random_pipeline  # noqa: E402
-from fdfo.rewards.twins import random_clip  # noqa: E402
+from fdfo.rewards.twins import random_clip, save_processor_as_published  # noqa: E402
 from fdfo.runs.runlog import CONFIG_FILE, read_log  # noqa: E402
 
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
@@ -75,12 +75,6 @@ def write_once(folder: Path, size: str, write) -> None:
     print(f"wrote {folder}")
 
 
-def save_processor(processor, folder: Path) -> None:
-    """As the published repos hold a processor: preprocessor_config.json and the tokenizer's files."""
-    processor.image_processor.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)
-
-
 def write_models(root: Path, size: str, prompts: Path) -> None:
     """The random models below `root`, in folders named as their Hub repos, and the prompts."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,12 +86,12 @@ def write_models(root: Path, size: str, prompts: Path) -> None:
     def pickscore(folder: Path) -> None:  # fp32, as published
         model, processor = random_clip(size=clip_size, device=device)
         model.save_pretrained(folder)
-        save_processor(processor, folder)
+        save_processor_as_published(processor, folder)
 
     def clip_h_processor(folder: Path) -> None:  # no weights: AutoProcessor finds the processor's class by the config
         model, processor = random_clip(size=clip_size, device="meta")
         model.config.save_pretrained(folder)
-        save_processor(processor, folder)
+        save_processor_as_published(processor, folder)
 
     write_once(root / SD35M, size, sd35m)
     write_once(root / PICKSCORE, size, pickscore)

@@ -17,7 +17,8 @@ import torch
 from fdfo.model.lora import attach_lora, save_lora
 from fdfo.model.tiny import random_pipeline
 from fdfo.rewards.image_reward import published_weights
-from fdfo.rewards.twins import random_clip, random_hpsv3, random_image_reward, random_qwen_vl
+from fdfo.rewards.twins import (random_clip, random_hpsv3, random_image_reward, random_qwen_vl,
+                               save_processor_as_published)
 
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
 FDFO_CHECKPOINTS = "nvidia/finite-difference-flow-optimization"
@@ -151,15 +152,6 @@ def legacy_name(key: str) -> str:
         if key.startswith(ours):
             return legacy + key[len(ours):]
     return key
-
-
-def save_processor_as_published(processor, folder: Path) -> None:
-    """A processor in the files the published repos have (they predate processor_config.json and .jinja
-    templates): preprocessor_config.json and the tokenizer's files."""
-    processor.image_processor.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)
-    for name in ("processor_config.json", "chat_template.jinja"):
-        (folder / name).unlink(missing_ok=True)
 
 
 def snapshot_files(cache: Path) -> dict[str, set[str]]:

@@ -24,9 +24,12 @@ from fdfo import distributed
 from fdfo.config import ConfigError, SampleConfig
 from fdfo.harness.batching import BatchPlan
 from fdfo.model.lora import trainable
-from fdfo.model.sd3 import latent_shape
+from fdfo.model.parking import module_bytes, tensor_bytes
+from fdfo.model.sd3 import latent_shape, tokens_per_row
 
 if TYPE_CHECKING:
+    from diffusers import StableDiffusion3Pipeline
+
     from fdfo.harness.learner import Learner
 
 GIB = 2**30
@@ -145,35 +148,24 @@ def cap(budget_gib: float, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), device)
 
 
-def shapes(learner: Learner, sample: SampleConfig, items_per_sample: int) -> Shapes:
+def shapes(pipe: StableDiffusion3Pipeline, sample: SampleConfig, items_per_sample: int) -> Shapes:
     """The run's transformer at its resolution and prompt length."""
-    config = learner.pipe.transformer.config
-    channels, side, _ = latent_shape(learner.pipe, sample.resolution)
-    image_tokens = (side // config.patch_size) ** 2
-    latent = channels * side * side
+    config = pipe.transformer.config
+    channels, side, width = latent_shape(pipe, sample.resolution)
     return Shapes(blocks=config.num_layers, channels=config.num_attention_heads * config.attention_head_dim,
-                  tokens=image_tokens + 77 + sample.max_sequence_length,
+                  tokens=tokens_per_row(pipe, sample.resolution, sample.max_sequence_length),
                   rows_per_item=2 if sample.guidance_scale != 1 else 1,
-                  stored_bytes_per_sample=2 * items_per_sample * latent * 4)
+                  stored_bytes_per_sample=2 * items_per_sample * channels * side * width * 4)  # float32 x and v
 
 
 def sizes(learner: Learner, device: torch.device) -> Sizes:
     """What the learner holds, with every frozen model parked: on a GPU as allocated (a sharded reward model's shard
     included), on the CPU counted."""
-    resident = (torch.cuda.memory_allocated(device) if device.type == "cuda" else
-                tensor_bytes([learner.pipe.transformer, learner.pipe.vae]))
+    gpu = device.type == "cuda"
+    resident = torch.cuda.memory_allocated(device) if gpu else module_bytes([learner.pipe.transformer, learner.pipe.vae])
     # The largest of all ranks: every rank must choose the same sizes (its collectives count on them).
     resident = int(distributed.all_gather_tensor(torch.tensor([resident], device=device)).max())
-    optimiser = 3 * tensor_bytes_of(trainable(learner.lora))  # gradients, AdamW's two moments (made at the first step)
-    gpu = device.type == "cuda"
+    optimiser = 3 * tensor_bytes(trainable(learner.lora))  # gradients, AdamW's two moments (made at the first step)
     return Sizes(resident=resident, optimiser=optimiser,
                  text_encoders=learner.text_encoders.nbytes, reward_models=learner.reward_models.nbytes,
                  workspace_sample=int(gpu * SAMPLE_FIXED_GIB * GIB), workspace_train=int(gpu * TRAIN_FIXED_GIB * GIB))
-
-
-def tensor_bytes_of(tensors: list[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def tensor_bytes(modules: list[torch.nn.Module]) -> int:
-    return sum(tensor_bytes_of([*m.parameters(), *m.buffers()]) for m in modules)

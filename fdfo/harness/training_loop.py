@@ -48,7 +48,7 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser (restored from the checkpoint on resume).
     learner = set_up(cfg, device, resume, method.lora_copies, park_rewards=not method.needs_gradients)
     if cfg.max_memory_gib is not None:  # batch sizes as executed that fit the budget (the paper's split stays)
-        fitted = memory.fit(cfg.max_memory_gib, plan, memory.shapes(learner, cfg.sample, method.items_per_sample),
+        fitted = memory.fit(cfg.max_memory_gib, plan, memory.shapes(learner.pipe, cfg.sample, method.items_per_sample),
                             memory.sizes(learner, device))
         plan = fitted.plan
         if plan.activation_checkpointing:

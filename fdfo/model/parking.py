@@ -10,6 +10,15 @@ import torch
 ALIGN = 256  # bytes: every tensor's host copy starts at an offset that suits any dtype and fast copies
 
 
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def module_bytes(modules: list[torch.nn.Module]) -> int:
+    """Of their parameters and buffers."""
+    return tensor_bytes([t for m in modules for t in itertools.chain(m.parameters(), m.buffers())])
+
+
 class Parking:
     """Keeps a host copy of frozen modules' weights, so that parking them only drops their GPU copy (no transfer:
     the weights never change) and bringing them back is one copy from pinned memory. The host copies share one
@@ -21,7 +30,7 @@ class Parking:
     def __init__(self, modules: list[torch.nn.Module], device: torch.device):
         self.device = device
         tensors = list(itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in modules))
-        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.nbytes = tensor_bytes(tensors)
         self.on_device = True
         if device.type != "cuda":
             self.tensors = [(t, t.detach()) for t in tensors]

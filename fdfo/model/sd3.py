@@ -127,6 +127,13 @@ def latent_shape(pipe: StableDiffusion3Pipeline, resolution: int | None) -> tupl
     return (pipe.transformer.config.in_channels, side, side)
 
 
+def tokens_per_row(pipe: StableDiffusion3Pipeline, resolution: int | None, max_sequence_length: int) -> int:
+    """Tokens the transformer attends over per row: the image's patches and the prompt's CLIP (padded to the
+    tokenizer's length) and T5 tokens, as encode_prompts gives them."""
+    _, side, _ = latent_shape(pipe, resolution)
+    return (side // pipe.transformer.config.patch_size) ** 2 + pipe.tokenizer_max_length + max_sequence_length
+
+
 PAPER_RESOLUTION = 512  # pixels; SD3.5-M's own config would give 1024 (sample_size 128), the paper samples at 512
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -36,6 +38,15 @@ def random_clip(seed: int = 0, size: str = "tiny", device: torch.device | str = 
         model = CLIPModel(config)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def save_processor_as_published(processor, folder: Path) -> None:
+    """A processor in the files the published repos have (they predate processor_config.json and .jinja
+    templates): preprocessor_config.json and the tokenizer's files."""
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    for name in ("processor_config.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
 
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
