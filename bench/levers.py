@@ -22,9 +22,9 @@ the others go on; the JSON is rewritten after each variant, so a run cut short k
 Inductor settings are unknown to, or already the defaults of, the installed torch is skipped with the reason.
 Compiling is most of the time (`whole_model` and `max_autotune` compile the most, and come last), so split the
 variants over calls with `--variants` where a call's time is limited, e.g.
-    --variants default,cudnn,flash,efficient,cudagraphs,cudagraphs_whole
-    --variants default,aggressive_fusion,coordinate_descent,whole_model
-    --variants default,max_autotune
+    --variants default,cudnn,flash,efficient,cudagraphs,cudagraphs_whole,default_repeat
+    --variants default,aggressive_fusion,coordinate_descent,whole_model,default_repeat
+    --variants default,max_autotune,default_repeat
 `--tiny`: the tiny random model in fp32 on the CPU (no autocast, no scaler); variants that need CUDA are skipped.
 """
 
@@ -93,6 +93,8 @@ VARIANTS = {
                            whole_model=True),
     "max_autotune": Variant("blocks in mode max-autotune-no-cudagraphs (GEMM templates autotuned)",
                             mode_options("max-autotune-no-cudagraphs"), needs_cuda=True),
+    # The default again, last: what running first (a cold GPU, first-call autotuning) did to the reference's times.
+    "default_repeat": Variant("the default again, after the others"),
 }
 
 

@@ -65,7 +65,8 @@ def instrument() -> None:
     learner.load_pipeline = spanned("base model built", learner.load_pipeline)
     learner.build_reward = spanned("reward models built", learner.build_reward)
     parking = learner.Parking
-    names = iter(["text encoders' pinned host copy", "reward models' pinned host copy"])
+    names = iter(["text encoders' pinned host copy", "reward models' pinned host copy",
+                  "transformer's place holder (its host copy, where a budget needs one, comes after set-up)"])
     learner.Parking = lambda modules, device: spanned(next(names), parking)(modules, device)
 
 
@@ -88,7 +89,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "args": train_args, "imports_s": IMPORTED,
         "spans_s": SPANS, "launch_to_first_optimiser_step_s": steps[0]["wall_time"] - LAUNCH,
         "launch_to_end_s": end, "peak_gib": PEAK_GIB,
-        "epochs": [{k: round(v, 2) for k, v in e.items() if k.startswith("time_") or k == "pairs_per_s"}
+        "epochs": [{k: round(v, 2) for k, v in e.items() if k.startswith(("time_", "peak_vram_gib_")) or k == "pairs_per_s"}
                    for e in epochs],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """--max-memory-gib: the planner's arithmetic by hand, its refusal, and a budgeted run that trains the same LoRA."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from fdfo.harness import memory
 from fdfo.harness.batching import plan_batches
 from fdfo.harness.training_loop import train
 from fdfo.model.lora import attach_lora, trainable
+from fdfo.model.parking import Parking
 from tests.test_train import SMALL, lora_weights
 
 GIB = 2**30
@@ -18,7 +20,8 @@ GIB = 2**30
 # latents, and the sizes of the 22-GiB PickScore sanity run on the H200 (as its printed estimates give them).
 SD35M = memory.Shapes(blocks=24, channels=1536, tokens=1229, rows_per_item=1, stored_bytes_per_sample=2 * 40 * 65536 * 4)
 SANITY = memory.Sizes(resident=int(5.3 * GIB), optimiser=int(0.21 * GIB), text_encoders=int(10.4 * GIB),
-                      reward_models=int(3.67 * GIB), workspace_sample=int(1.5 * GIB), workspace_train=int(3.4 * GIB))
+                      reward_models=int(3.67 * GIB), transformer_frozen=int(4.6 * GIB),
+                      workspace_sample=int(1.5 * GIB), workspace_train=int(3.4 * GIB))
 
 
 def test_the_fastest_sizes_that_fit_by_hand():
@@ -39,6 +42,30 @@ def test_the_fastest_sizes_that_fit_by_hand():
     assert fitted.peaks_gib["encode"] == pytest.approx(5.3 + 10.4, rel=1e-6)
     assert all(peak <= 0.9 * 22 for peak in fitted.peaks_gib.values())
     assert memory.item_ms_plain(5) == pytest.approx(23.5) and memory.item_ms_plain(10) == pytest.approx(16.0)
+
+
+def test_one_rank_of_the_default_4_rank_run_fits_22_gib_with_the_transformer_parked_to_encode():
+    # The combined reward on 4 ranks: each holds the VLM's shard and one gathered block (3.9 + 0.5 GiB) besides the
+    # transformer, so transformer + text encoders = 9.7 + 10.4 GiB, above the 19.8 usable: the transformer's base
+    # weights (4.6 GiB) leave while encoding (encode 15.5 GiB). 108 pairs' trajectories: 4.22 GiB.
+    plan = plan_batches(432, 4)
+    shard = dataclasses.replace(SANITY, resident=int(9.7 * GIB))
+    fitted = memory.fit(22, plan, SD35M, shard)
+    assert fitted.transformer_parked_to_encode
+    assert fitted.peaks_gib["encode"] == pytest.approx(9.7 - 4.6 + 10.4, rel=1e-6)
+    assert (fitted.plan.sampling_batch, fitted.plan.micro_batch, fitted.plan.activation_checkpointing) == (4, 3, True)
+    assert all(peak <= 0.9 * 22 for peak in fitted.peaks_gib.values())
+    assert not memory.fit(23, plan, SD35M, shard).transformer_parked_to_encode  # 20.1 GiB fits 20.7: no copy needed
+    with pytest.raises(ConfigError, match="needs about 22.3 GiB"):  # without that parking, as before
+        memory.fit(22, plan, SD35M, dataclasses.replace(shard, transformer_frozen=0))
+
+
+def test_parking_leaves_what_trains(tiny_pipe):
+    lora = attach_lora(tiny_pipe.transformer, rank=4, alpha=4)
+    frozen = [t for t in [*tiny_pipe.transformer.parameters(), *tiny_pipe.transformer.buffers()] if not t.requires_grad]
+    assert trainable(lora) and frozen
+    assert Parking([tiny_pipe.transformer], torch.device("cpu")).nbytes == \
+        sum(t.numel() * t.element_size() for t in frozen)
 
 
 def test_a_budget_that_fits_the_defaults_changes_nothing():

@@ -49,6 +49,8 @@ class Learner:
     reward: Reward
     text_encoders: Parking  # off the GPU once the epoch's prompts are encoded (--memory-efficient)
     reward_models: Parking  # off the GPU while the LoRA trains (--memory-efficient)
+    transformer_weights: Parking  # its base weights off the GPU while the prompts are encoded (where a
+    # --max-memory-gib budget needs it; otherwise empty)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # loss scaling of the fp16 recipe; disabled otherwise
     ema: LoraEma | None  # with --ema-decay
@@ -94,11 +96,14 @@ class Learner:
 
     def encode(self, prompt_batches: list[list[str]], sample: SampleConfig) -> list[PromptEmbeds]:
         """Every batch's prompt embeddings in the compute dtype. Then the text encoders are parked and the reward
-        models come back to the GPU, before sampling starts (with --memory-efficient)."""
+        models come back to the GPU, before sampling starts (with --memory-efficient); where a memory budget needs
+        it, the transformer's base weights make room for the text encoders meanwhile."""
+        self.transformer_weights.park()
         self.text_encoders.to_device()
         conds = [encode_prompts(self.pipe, batch, sample.guidance_scale, sample.max_sequence_length)
                  .to(self.compute_dtype) for batch in prompt_batches]
         self.text_encoders.park()
+        self.transformer_weights.to_device()
         self.reward_models.to_device()
         return conds
 
@@ -194,7 +199,7 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies
     model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
              else pipe.transformer)
     learner = Learner(pipe=pipe, lora=lora, model=model, reward=reward, text_encoders=text_encoders,
-                      reward_models=reward_models, optimizer=optimizer, scaler=scaler, ema=ema, copies=lora_copies,
+                      reward_models=reward_models, transformer_weights=Parking([], device), optimizer=optimizer, scaler=scaler, ema=ema, copies=lora_copies,
                       compute_dtype=compute_dtype, max_grad_norm=cfg.train.max_grad_norm)
     pipe.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
     if resume is not None:

@@ -1,7 +1,8 @@
 """`--max-memory-gib`: a run that fits a smaller GPU. The batch sizes as executed (pairs per sampling call, items per
 training micro-batch) and activation checkpointing are chosen so that every phase's estimated peak stays within the
-budget, the frozen models are parked as soon as they are built, and the allocator is capped at the budget, so that
-an estimate that was wrong fails loudly instead of using more. Only speed and float rounding change: the paper's
+budget, the frozen models are parked as soon as they are built (and the transformer's base weights while the text
+encoders encode, where both would not fit together), and the allocator is capped at the budget, so that an
+estimate that was wrong fails loudly instead of using more. Only speed and float rounding change: the paper's
 batch split, every pair's noise and each step's items stay as they are.
 
 The estimate adds the sizes of what each phase holds (weights, stored trajectories, optimiser state) to activation
@@ -24,7 +25,7 @@ from fdfo import distributed
 from fdfo.config import ConfigError, SampleConfig
 from fdfo.harness.batching import BatchPlan
 from fdfo.model.lora import trainable
-from fdfo.model.parking import module_bytes, tensor_bytes
+from fdfo.model.parking import frozen_tensors, module_bytes, tensor_bytes
 from fdfo.model.sd3 import latent_shape, tokens_per_row
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class Sizes:
     optimiser: int  # LoRA gradients and AdamW's two moments
     text_encoders: int  # present while the prompts are encoded
     reward_models: int  # present while sampling and scoring (parked in training)
+    transformer_frozen: int  # the transformer's base weights, of `resident`: may be parked while encoding
     workspace_sample: int = 0  # a GPU's fixed costs: cuBLAS and cuDNN workspaces, the decoder's one image
     workspace_train: int = 0
 
@@ -76,13 +78,15 @@ class Sizes:
 class MemoryPlan:
     plan: BatchPlan  # the epoch's plan with the executed sizes (and activation checkpointing) that fit
     peaks_gib: dict[str, float]  # estimated, per phase
+    transformer_parked_to_encode: bool = False  # its base weights leave the GPU while the text encoders are there
 
     def describe(self, budget_gib: float) -> str:
         peaks = ", ".join(f"{k} {v:.1f}" for k, v in self.peaks_gib.items())
         return (f"--max-memory-gib {budget_gib:g}: sampling {self.plan.sampling_batch} pairs per call, training "
                 f"micro-batches of {self.plan.micro_batch} items" +
                 (" with activation checkpointing" if self.plan.activation_checkpointing else "") +
-                f"; estimated peaks (GiB): {peaks}.")
+                ("; the transformer parked while the prompts are encoded" if self.transformer_parked_to_encode
+                 else "") + f"; estimated peaks (GiB): {peaks}.")
 
 
 def item_ms_plain(micro_batch: int) -> float:
@@ -104,7 +108,9 @@ def fit(budget_gib: float, plan: BatchPlan, shapes: Shapes, sizes: Sizes) -> Mem
     usable = HEADROOM * budget_gib * GIB
     row = shapes.tokens * shapes.channels * shapes.rows_per_item  # per item or image, per block
     stored = 2 * plan.pairs_per_rank * shapes.stored_bytes_per_sample
-    encode = sizes.resident + sizes.text_encoders
+    # Parking the transformer to encode costs a copy of its base weights back per epoch: only where needed.
+    park_transformer = sizes.resident + sizes.text_encoders > usable
+    encode = sizes.resident - park_transformer * sizes.transformer_frozen + sizes.text_encoders
 
     def sample_peak(pairs_per_call: int) -> float:
         return (sizes.resident + sizes.reward_models + stored + 2 * pairs_per_call * row * SAMPLE_BYTES
@@ -138,7 +144,7 @@ def fit(budget_gib: float, plan: BatchPlan, shapes: Shapes, sizes: Sizes) -> Mem
                                  micro_batches_per_step=items_per_step // micro_batch,
                                  activation_checkpointing=checkpointing)
     peaks = {"encode": encode, "sample": sample_peak(sampling_batch), "train": train_peak(micro_batch, checkpointing)}
-    return MemoryPlan(fitted, {k: v / GIB for k, v in peaks.items()})
+    return MemoryPlan(fitted, {k: v / GIB for k, v in peaks.items()}, park_transformer)
 
 
 def cap(budget_gib: float, device: torch.device) -> None:
@@ -168,4 +174,5 @@ def sizes(learner: Learner, device: torch.device) -> Sizes:
     optimiser = 3 * tensor_bytes(trainable(learner.lora))  # gradients, AdamW's two moments (made at the first step)
     return Sizes(resident=resident, optimiser=optimiser,
                  text_encoders=learner.text_encoders.nbytes, reward_models=learner.reward_models.nbytes,
+                 transformer_frozen=tensor_bytes(frozen_tensors([learner.pipe.transformer])),
                  workspace_sample=int(gpu * SAMPLE_FIXED_GIB * GIB), workspace_train=int(gpu * TRAIN_FIXED_GIB * GIB))

@@ -18,6 +18,7 @@ from fdfo.harness.prompts import PromptStream, load_prompts, prompts_digest
 from fdfo.harness.timing import PhaseTimer
 from fdfo.methods import build_method
 from fdfo.methods.base import Epoch, EpochScores
+from fdfo.model.parking import Parking
 from fdfo.runs.plots import REWARD_CURVE
 from fdfo.runs import lock
 from fdfo.runs.resume import claim_run, plan_resume
@@ -53,6 +54,8 @@ def train(cfg: TrainConfig) -> Path:
         plan = fitted.plan
         if plan.activation_checkpointing:
             learner.pipe.transformer.enable_gradient_checkpointing()
+        if fitted.transformer_parked_to_encode:
+            learner.transformer_weights = Parking([learner.pipe.transformer], device)
         distributed.print0(fitted.describe(cfg.max_memory_gib))
     run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
     lock.hold(run_dir)  # a new run's or a branch's folder; a run continued in place holds its lock already
