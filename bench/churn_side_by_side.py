@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.formulas.churn import interval_gammas, prior_gammas, raw_gammas  # noqa: E402
-from fdfo.model.sampler import flow_sigmas  # noqa: E402
-from fdfo.model.tiny import sd3_scheduler  # noqa: E402
+from fdfo.model.sd3 import SD3  # noqa: E402
+from fdfo.model.tiny import random_pipeline, sd3_scheduler  # noqa: E402
 
 
 def load_published(root: Path):
@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     for num_steps in (10, 40):
         ts = timesteps(num_steps) / 1000
-        levels = flow_sigmas(sd3_scheduler(), num_steps, torch.device("cpu"))[:-1] * 1000 / 1000
+        levels = SD3(random_pipeline("tiny")).sigmas(num_steps, None, torch.device("cpu"))[:-1] * 1000 / 1000
         assert torch.equal(levels, ts.float()), "our noise levels differ from the published sampler's"
         for name, settings in cases:
             worst, exact = 0.0, True

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.model.lora import attach_lora  # noqa: E402
 from fdfo.harness.prompts import load_prompts  # noqa: E402
 from fdfo.rewards import Scorers  # noqa: E402
-from fdfo.model.sampler import flow_sigmas  # noqa: E402
-from fdfo.model.sd3 import decode_latents, encode_prompts, latent_shape, predict_velocity  # noqa: E402
+from fdfo.model.sd3 import SD3  # noqa: E402
 from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 
@@ -34,22 +33,21 @@ def main() -> None:
     parser.add_argument("--solver-steps", type=int, default=10)
     args = parser.parse_args()
 
-    pipe = random_pipeline("tiny")
-    lora = attach_lora(pipe.transformer, seed=6)
+    model = SD3(random_pipeline("tiny"))
+    lora = attach_lora(model.transformer, seed=6)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=1e-4)
     score = Scorers(torch.device("cpu"), twins="tiny", purpose="reward").build(args.reward)
     prompts = load_prompts(Path("prompt_sets/demo.txt"))
-    sigmas = flow_sigmas(pipe.scheduler, args.solver_steps, torch.device("cpu"))
-    decode = decode_latents.__wrapped__  # the same decoding, with gradients
+    sigmas = model.sigmas(args.solver_steps, None, torch.device("cpu"))
     for step in range(args.steps):
         generator = torch.Generator().manual_seed(step)
         batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch,), generator=generator)]
-        cond = encode_prompts(pipe, batch, 1.0, 32)
-        x = torch.randn(args.batch, *latent_shape(pipe, None), generator=generator)
+        cond = model.encode(batch, 1.0, 32)
+        x = torch.randn(args.batch, *model.latent_shape(None), generator=generator)
         for i in range(args.solver_steps):
-            x = x + (sigmas[i + 1] - sigmas[i]) * predict_velocity(pipe.transformer, x, sigmas[i], cond, 1.0)
-        rewards = score(decode(pipe, x, torch.float32), batch)
+            x = x + (sigmas[i + 1] - sigmas[i]) * model.velocity(model.transformer, x, sigmas[i], cond, 1.0)
+        rewards = score(model.decode(x, torch.float32), batch)
         optimizer.zero_grad()
         (-rewards.mean()).backward()
         optimizer.step()

@@ -1,4 +1,5 @@
-"""Epoch benchmark on a GPU: the real training loop (fdfo.harness.training_loop.train) at SD3.5-M shapes with random weights.
+"""Epoch benchmark on a GPU: the real training loop (fdfo.harness.training_loop.train) at SD3.5-M shapes with random
+weights (or another random model's: `-- --pretrained-model sd35l-random|flux-random`).
 
 python bench/epoch.py --out bench/results/epoch.json -- --total-pairs-per-epoch 24 --num-epochs 1
 (everything after `--` goes to train.py's parser; `--pretrained-model sd35m-random` and the offline
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.cli import parse_train_config  # noqa: E402
+from fdfo.model.loading import backbone_class  # noqa: E402
 from fdfo.runs.runlog import read_log  # noqa: E402
 from fdfo.harness.training_loop import train  # noqa: E402
 
@@ -45,20 +47,32 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def transformer_flops(resolution: int, text_tokens: int) -> tuple[float, float]:
-    """(forward, LoRA forward+backward) FLOPs per sample of the SD3.5-M transformer, counted on the meta device."""
+def transformer_flops(model: str, resolution: int, max_sequence_length: int) -> tuple[float, float]:
+    """(forward, LoRA forward+backward) FLOPs per sample of the random model `model`'s transformer (its real
+    shapes), counted on the meta device."""
+    from fdfo.model.loading import BACKBONES, RANDOM_MODELS
     from fdfo.model.lora import attach_lora
-    from fdfo.model.tiny import sd35m_transformer
-    model = attach_lora(sd35m_transformer("meta"))
-    side = resolution // 8
-    x = torch.randn(1, 16, side, side, device="meta")
-    kwargs = dict(timestep=torch.ones(1, device="meta"), encoder_hidden_states=torch.randn(1, text_tokens, 4096, device="meta"),
-                  pooled_projections=torch.randn(1, 2048, device="meta"), return_dict=False)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(hidden_states=x, **kwargs)
-    forward = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        model(hidden_states=x, **kwargs)[0].float().pow(2).mean().backward()
+    from fdfo.model.tiny import SIZES
+    kind, shape = SIZES[RANDOM_MODELS[model]][:2]
+    backbone = BACKBONES[kind]
+    with torch.device("meta"):
+        lora = attach_lora(backbone.transformer_class(**shape), targets=backbone.lora_targets)
+        side, width, pooled = resolution // 8, shape["joint_attention_dim"], shape["pooled_projection_dim"]
+        if kind == "sd3":  # CLIP-L + CLIP-G's 77 tokens beside T5's; latents in 2×2 patches inside
+            kwargs = dict(hidden_states=torch.randn(1, 16, side, side), timestep=torch.ones(1),
+                          encoder_hidden_states=torch.randn(1, 77 + max_sequence_length, width),
+                          pooled_projections=torch.randn(1, pooled), return_dict=False)
+        else:  # FLUX: latents packed 2×2 into tokens outside, T5's tokens only, the guidance embedding
+            tokens = (side // 2) ** 2
+            kwargs = dict(hidden_states=torch.randn(1, tokens, 64), timestep=torch.ones(1), guidance=torch.ones(1),
+                          encoder_hidden_states=torch.randn(1, max_sequence_length, width),
+                          pooled_projections=torch.randn(1, pooled), img_ids=torch.zeros(tokens, 3),
+                          txt_ids=torch.zeros(max_sequence_length, 3), return_dict=False)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            lora(**kwargs)
+        forward = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            lora(**kwargs)[0].float().pow(2).mean().backward()
     return forward, counter.get_total_flops()
 
 
@@ -85,9 +99,10 @@ def main():
         plan = json.loads((run_dir / "config.json").read_text())["batch_plan"]
     epochs = [r for r in log if r["kind"] == "epoch"]
     steps = [r for r in log if r["kind"] == "step"]
-    forward, train_step = transformer_flops(cfg.sample.resolution or 512, 77 + cfg.sample.max_sequence_length)
+    forward, train_step = transformer_flops(cfg.pretrained_model, cfg.sample.resolution or 512,
+                                            cfg.sample.max_sequence_length)
     T, pairs = cfg.sample.num_solver_steps, plan["pairs_per_rank"] * plan["world_size"]
-    guidance = 2 if cfg.sample.guidance_scale != 1 else 1
+    guidance = 2 if backbone_class(cfg.pretrained_model).uses_cfg(cfg.sample.guidance_scale) else 1
     last = epochs[-1]
     # Training = every micro-batch (those that all-reduce gradients too); the sync ones' excess is the all-reduce.
     micro = {k: last.get(f"time_{k}", 0.0) for k in ("train", "train_sync")}

@@ -50,7 +50,8 @@ from bench.numerics import sd35m_with_lora  # noqa: E402
 from fdfo.formulas.estimator import normalise, surrogate_loss  # noqa: E402
 from fdfo.model.compile import compile_blocks  # noqa: E402
 from fdfo.model.lora import attach_lora  # noqa: E402
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.model.backbone import PromptEmbeds  # noqa: E402
+from fdfo.model.sd3 import predict_velocity  # noqa: E402
 from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 SAMPLING_ROWS = (12, 32)
@@ -211,7 +212,7 @@ def applied(variant: Variant, transformer: torch.nn.Module):
             if variant.whole_model:
                 transformer.compile(dynamic=False)
             else:
-                compile_blocks(transformer)
+                compile_blocks(list(transformer.transformer_blocks))
             yield
     finally:
         for module in compiled:

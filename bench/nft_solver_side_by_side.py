@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fdfo.model.sampler import flow_sigmas, sample_rollouts  # noqa: E402
-from fdfo.model.sd3 import encode_prompts  # noqa: E402
+from fdfo.model.sampler import sample_rollouts  # noqa: E402
+from fdfo.model.sd3 import SD3  # noqa: E402
 from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 
@@ -36,11 +36,11 @@ def main() -> None:
     theirs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(theirs)
     torch.manual_seed(0)
-    pipe = random_pipeline("tiny")
-    cond = encode_prompts(pipe, ["a cat", "a dog on the moon", "", "a red cube"], 1.0, 32)
+    pipe = SD3(random_pipeline("tiny"))
+    cond = pipe.encode(["a cat", "a dog on the moon", "", "a red cube"], 1.0, 32)
     results = []
     for steps in (10, 40):
-        sigmas = flow_sigmas(pipe.scheduler, steps, torch.device("cpu"))
+        sigmas = pipe.sigmas(steps, None, torch.device("cpu"))
         generators = [torch.Generator().manual_seed(100 + i) for i in range(4)]
         z = torch.stack([torch.randn((16, 8, 8), generator=torch.Generator().manual_seed(100 + i)) for i in range(4)])
 

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.model.compile import compile_blocks  # noqa: E402
 from fdfo.formulas.estimator import normalise, surrogate_loss  # noqa: E402
 from fdfo.model.lora import attach_lora  # noqa: E402
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.model.backbone import PromptEmbeds  # noqa: E402
+from fdfo.model.sd3 import predict_velocity  # noqa: E402
 from fdfo.model.tiny import default_dtype, sd35m_transformer  # noqa: E402
 
 
@@ -118,7 +119,7 @@ def main():
                          "ms_training_micro_batch_6": timed_ms(lambda: train_step(v[rows])),
                          "ratio_minus_one_on_policy_max": (on_policy.ratio - 1).abs().max().item()}
         if path == "plain":
-            compile_blocks(transformer)
+            compile_blocks(list(transformer.transformer_blocks))
     (v0, t0, g0), (v1, t1, g1) = paths["plain"], paths["compiled"]
     results["compiled_vs_plain"] = {
         "velocity_max_abs_difference_over_max_abs": ((v1 - v0).abs().max() / v0.abs().max()).item(),

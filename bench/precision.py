@@ -46,7 +46,7 @@ def main():
                               "ms_training_micro_batch_6": timed_ms(lambda: train_step(v_ref32[rows]))}}
     del lora_fp32, sample, train_step
 
-    compile_blocks(base)  # the bf16 weights serve both autocast precisions, as in training
+    compile_blocks(list(base.transformer_blocks))  # the bf16 weights serve both autocast precisions, as in training
     for precision in ("fp16", "bf16"):
         weights, compute = training_dtypes(precision, device)
         scale = 65536.0 if compute == torch.float16 else 1.0  # GradScaler's initial scale

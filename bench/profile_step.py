@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.numerics import sd35m_with_lora, timed_ms  # noqa: E402
 from fdfo.model.compile import compile_blocks  # noqa: E402
 from fdfo.formulas.estimator import normalise, surrogate_loss  # noqa: E402
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity  # noqa: E402
+from fdfo.model.backbone import PromptEmbeds  # noqa: E402
+from fdfo.model.sd3 import predict_velocity  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 KINDS = [("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")), ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma")),
@@ -46,7 +47,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     transformer, _ = sd35m_with_lora(device)
-    compile_blocks(transformer)
+    compile_blocks(list(transformer.transformer_blocks))
     scaler = torch.amp.GradScaler("cuda")
 
     def inputs(rows: int):

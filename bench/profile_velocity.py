@@ -2,10 +2,10 @@ import sys, time, torch
 sys.path.insert(0, '.')
 from fdfo.model.tiny import random_pipeline
 from fdfo.model.lora import attach_lora
-from fdfo.model.sd3 import encode_prompts, predict_velocity
+from fdfo.model.sd3 import SD3, predict_velocity
 dev = torch.device('cuda')
 pipe = random_pipeline('sd35m', device=dev, dtype=torch.bfloat16)
-cond = encode_prompts(pipe, ['a red fox in the snow'] * 12, 1.0, 128)
+cond = SD3(pipe).encode(['a red fox in the snow'] * 12, 1.0, 128)
 x = torch.randn(12, 16, 64, 64, device=dev)
 sigma = torch.tensor(0.7, device=dev)
 def bench(name, fn, n=5):

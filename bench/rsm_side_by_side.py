@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fdfo.config import TrainConfig  # noqa: E402
 from fdfo.formulas.flow_grpo import diffusion_coefficient, group_advantages, sde_step  # noqa: E402
 from fdfo.formulas.rsm import hinge_matching_loss, matching_weight, mean_active_branches, step_kl  # noqa: E402
-from fdfo.model.sampler import flow_sigmas  # noqa: E402
-from fdfo.model.tiny import sd3_scheduler  # noqa: E402
+from fdfo.model.sd3 import SD3  # noqa: E402
+from fdfo.model.tiny import random_pipeline, sd3_scheduler  # noqa: E402
 
 
 def load(name: str, path: Path):
@@ -126,7 +126,7 @@ def main() -> None:
     # The branch step and the weights on SD3's 10-step grid, at every branching step.
     scheduler = sd3_scheduler()
     scheduler.set_timesteps(steps)
-    sigmas = flow_sigmas(sd3_scheduler(), steps, torch.device("cpu"))
+    sigmas = SD3(random_pipeline("tiny")).sigmas(steps, None, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     shape = (12, 16, 8, 8)
     worst = {"sde_mean": 0.0, "sde_next": 0.0, "weight": 0.0, "policy_rows": 0.0, "policy_loss": 0.0, "kl_rows": 0.0,

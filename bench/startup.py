@@ -62,7 +62,7 @@ def instrument() -> None:
         reset(device)
     torch.cuda.reset_peak_memory_stats = folding_reset
     training_loop.set_up = spanned("set_up (all)", training_loop.set_up)
-    learner.load_pipeline = spanned("base model built", learner.load_pipeline)
+    learner.load_backbone = spanned("base model built", learner.load_backbone)
     learner.build_reward = spanned("reward models built", learner.build_reward)
     parking = learner.Parking
     names = iter(["text encoders' pinned host copy", "reward models' pinned host copy",

@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 import tyro
 
 from fdfo import distributed, signals
-from fdfo.config import TINY_PRESET, ConfigError, TrainConfig, method_recipe
+from fdfo.config import TINY_MODELS, TINY_PRESET, ConfigError, TrainConfig, method_recipe
 from fdfo.config_files import load_config_file, read_toml, with_overrides
 from fdfo.errors import UserError
 from fdfo.runs.resume import resumed_settings
@@ -42,7 +42,7 @@ def parse(cls: type[T], args: list[str] | None = None) -> T:
     recipe = method_recipe(method) if cls is TrainConfig else None
     if recipe is not None:
         default = dataclasses.replace(load_config_file(cls, recipe, default), config=None)
-    if cls is TrainConfig and model == "tiny":
+    if cls is TrainConfig and model in TINY_MODELS:
         default = dataclasses.replace(load_config_file(cls, TINY_PRESET, default), config=None)
     if resumed:
         default = with_overrides(default, resumed, f"{checkpoint}/settings.json")

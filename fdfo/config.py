@@ -21,7 +21,8 @@ from fdfo.rewards.registry import reward_terms
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pretrained-model tiny
+TINY_PRESET = PROJECT_ROOT / "configs" / "tiny.toml"  # applied first for --pretrained-model tiny or tiny-flux
+TINY_MODELS = ("tiny", "tiny-flux")
 
 RewardPreset = Literal["combined", "pickscore", "vlm_alignment", "brightness", "compressibility"]
 VlmName = Literal["qwenvl-7b", "qwenvl-3b"]
@@ -69,7 +70,7 @@ class SampleConfig:
     """How pairs of trajectories are sampled."""
 
     num_solver_steps: int = 40  # Euler steps per trajectory (T)
-    guidance_scale: float = 1.0  # classifier-free guidance weight; 1.0 = no CFG
+    guidance_scale: float = 1.0  # classifier-free guidance weight, 1.0 = no CFG (SD3); the guidance embedding's value (FLUX.1-dev, which has no CFG)
     churn_schedule: ChurnSchedule = "raw"  # raw (the paper's: γ = churn_weight at every step), or the published code's interval or prior (their settings: --sample.interval.*, --sample.prior.*)
     churn_weight: float = 0.0025  # the raw schedule's churn strength γ of the initial perturbation and of every step but the last
     batch_size: int | None = None  # pairs per sampling batch on each rank; None = derived from the pairs per rank
@@ -160,7 +161,7 @@ class TrainConfig:
     """FDFO training run: `python train.py` or `torchrun --nproc_per_node=N train.py`."""
 
     config: Path | None = None  # TOML file of settings (see configs/); flags given on the command line win
-    pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder; `tiny` (offline CPU demo) or `sd35m-random` (real shapes, random weights)
+    pretrained_model: str = SD35_MEDIUM  # Hub id or local diffusers folder of an SD3/SD3.5 or FLUX.1 model; `tiny`, `tiny-flux` (offline CPU demo), `sd35m-random`, `sd35l-random`, `flux-random` (real shapes, random weights)
     method: Method = "fdfo"  # the method: fdfo (the paper's), its gradient ablations fdfo_grad, or flow_grpo, diffusion_nft, draft, rsm (same harness; their recipes in configs/)
     reward_preset: RewardPreset = "combined"  # reward terms and weights
     reward: tuple[str, ...] = ()  # reward terms as NAME=WEIGHT (e.g. pickscore=1 hpsv2=0.5, or your own my_pkg.my_rewards:score=1); given, they replace --reward-preset
@@ -218,7 +219,7 @@ class GenerateConfig:
     own_weights: bool = False  # use the checkpoint's own weights where its protocol would take the EMA
     out: Path = Path("out.jpg")  # output image (JPEG quality 95; PNG by extension)
     prompts: Path | None = None  # prompt file, one a line; None = prompt_sets/generate_default.txt
-    pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
+    pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, or a random model (`tiny`, `tiny-flux`, `sd35m-random`…)
     grid_rows: int = 2  # image rows per prompt
     grid_cols: int = 2  # image columns per prompt
     seed: int = 0  # seed of the first image; image i of the grid (prompt-major) uses seed + i, as published
@@ -240,7 +241,7 @@ class ExportConfig:
     ema: bool = False  # export the checkpoint's EMA weights (a run trained with --ema-decay)
     out: Path | None = None  # folder to write pytorch_lora_weights.safetensors into
     merged: bool = False  # also write the transformer with the LoRA merged into its weights, to <out>/transformer
-    pretrained_model: str = SD35_MEDIUM  # base model whose transformer --merged merges into: Hub id, local folder or `tiny`
+    pretrained_model: str = SD35_MEDIUM  # base model (its pipeline class saves the LoRA; --merged merges into its transformer): Hub id, local folder or a random model
     dtype: ExportDtype = "auto"  # dtype the merged transformer is written in (merged in fp32); auto = the dtype the base model's transformer is stored in
 
 
@@ -266,7 +267,7 @@ class MetricsConfig:
     metrics: tuple[MetricName, ...] = ("pickscore",)  # metrics to compute
     prompt_seed: int = 0  # seed of the prompt shuffle
     image_seed: int = 0  # image seeds are image_seed + prompt_index · num_repeats + repeat
-    pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, `tiny` or `sd35m-random`
+    pretrained_model: str = SD35_MEDIUM  # base model: Hub id, local folder, or a random model (`tiny`, `tiny-flux`, `sd35m-random`…)
     vlm_model_name: VlmName = "qwenvl-7b"  # Qwen2.5-VL size used by the VLM metrics
     resolution: int | None = None  # image side in pixels; None = the paper's 512 (64 for the tiny model)
     num_solver_steps: int | None = None  # Euler steps; None = the protocol's (40)

@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fdfo.model.sd3 import SD3  # noqa: E402
 from fdfo.model.tiny import random_pipeline  # noqa: E402
 
 # Two threads as on CI; FDFO_TEST_THREADS=1 checks that no result depends on the thread count.
@@ -25,9 +26,9 @@ torch.set_num_threads(int(os.environ.get("FDFO_TEST_THREADS", min(2, torch.get_n
 
 
 @pytest.fixture
-def tiny_pipe():
-    """A fresh tiny SD3 pipeline (fp32, CPU); building one takes well under a second."""
-    return random_pipeline("tiny")
+def tiny():
+    """A fresh tiny SD3 model (fp32, CPU); building one takes well under a second."""
+    return SD3(random_pipeline("tiny"))
 
 
 ROOT = Path(__file__).resolve().parent.parent

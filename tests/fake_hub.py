@@ -21,12 +21,17 @@ from fdfo.rewards.twins import (random_clip, random_hpsv3, random_image_reward, 
                                save_processor_as_published)
 
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
+SD35L = "stabilityai/stable-diffusion-3.5-large"
+FLUX1DEV = "black-forest-labs/FLUX.1-dev"
 FDFO_CHECKPOINTS = "nvidia/finite-difference-flow-optimization"
 PUBLISHED_RUN = "fdfo-combined-reward-no-cfg"
 # Files of the real repos that none of our commands reads (a few bytes each here).
 NOT_READ = {
     SD35M: ["sd3.5_medium.safetensors", "text_encoders/clip_g.safetensors", "text_encoders/clip_l.safetensors",
             "text_encoders/t5xxl_fp16.safetensors", "README.md", "LICENSE.md"],
+    SD35L: ["sd3.5_large.safetensors", "text_encoders/clip_g.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+            "README.md"],
+    FLUX1DEV: ["flux1-dev.safetensors", "ae.safetensors", "README.md", "LICENSE.md"],
     "yuvalkirstain/PickScore_v1": ["pytorch_model.bin"],
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": ["open_clip_pytorch_model.bin", "open_clip_model.safetensors",
                                               "pytorch_model.bin"],
@@ -81,8 +86,10 @@ def build_fake_hub(cache: Path) -> Path:
             write_not_read(folder, repo_id)
             add_repo(cache, repo_id, folder, repo_type)
 
-        def sd35m(folder: Path) -> None:  # stored in bf16, as the published weights are
-            random_pipeline("tiny").to(torch.bfloat16).save_pretrained(folder)
+        def pipeline(size: str):  # stored in bf16, as the published weights are
+            def save(folder: Path) -> None:
+                random_pipeline(size).to(torch.bfloat16).save_pretrained(folder)
+            return save
 
         def clip(seed: int):
             def save(folder: Path) -> None:
@@ -134,7 +141,9 @@ def build_fake_hub(cache: Path) -> Path:
             save_processor_as_published(processor, folder)
             (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
 
-        repo(SD35M, sd35m)
+        repo(SD35M, pipeline("tiny"))
+        repo(SD35L, pipeline("tiny"))  # the same pipeline class at other shapes: tiny ones here
+        repo(FLUX1DEV, pipeline("tiny-flux"))
         repo("THUDM/ImageReward", image_reward)
         repo("google-bert/bert-base-uncased", bert)
         repo("MizzenAI/HPSv3", hpsv3)

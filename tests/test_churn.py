@@ -12,15 +12,15 @@ from fdfo.config import ConfigError
 from fdfo.formulas.churn import interval_density, interval_gammas, prior_gammas, raw_gammas
 from fdfo.harness.training_loop import train
 from fdfo.methods.fdfo import churn_draw
-from fdfo.model.sampler import flow_sigmas, sample_pairs
-from fdfo.model.sd3 import encode_prompts
+from fdfo.model.sampler import sample_pairs
+from fdfo.model.sd3 import SD3
 from tests.test_train import SMALL, epoch_records, lora_weights
 
 
 def sd3_levels(num_steps):
     """σ_0 … σ_{T−1} of SD3's shifted scheduler, as the published code sees them (timesteps / 1000)."""
-    from fdfo.model.tiny import sd3_scheduler
-    return flow_sigmas(sd3_scheduler(), num_steps, torch.device("cpu"))[:-1] * 1000 / 1000
+    from fdfo.model.tiny import random_pipeline
+    return SD3(random_pipeline("tiny")).sigmas(num_steps, None, torch.device("cpu"))[:-1] * 1000 / 1000
 
 
 def hand_logit_normal(t, mu, sigma):
@@ -76,14 +76,14 @@ def test_prior_churns_only_the_initial_noise(z, churn_weight, churn_weight_sigma
     assert ours[1:].tolist() == [0.0] * 10
 
 
-def test_a_pair_is_the_same_in_any_batch_with_each_schedule(tiny_pipe):
-    cond = encode_prompts(tiny_pipe, ["a red cube", "a blue ball", "a green tree"], 1.0, 32)
+def test_a_pair_is_the_same_in_any_batch_with_each_schedule(tiny):
+    cond = tiny.encode(["a red cube", "a blue ball", "a green tree"], 1.0, 32)
     for schedule in ("interval", "prior"):
         sample = parse_train_config(["--pretrained-model", "tiny", "--sample.churn-schedule", schedule]).sample
         churn = churn_draw(sample)
         generators = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-        together = sample_pairs(tiny_pipe, cond, generators([1, 2, 3]), num_steps=4, churn=churn, resolution=32)
-        alone = sample_pairs(tiny_pipe, cond.index(slice(1, 2)), generators([2]), num_steps=4, churn=churn, resolution=32)
+        together = sample_pairs(tiny, cond, generators([1, 2, 3]), num_steps=4, churn=churn, resolution=32)
+        alone = sample_pairs(tiny, cond.index(slice(1, 2)), generators([2]), num_steps=4, churn=churn, resolution=32)
         torch.testing.assert_close(alone.final_latents, together.final_latents[2:4], rtol=0, atol=1e-6)
         assert not torch.equal(together.final_latents[2], together.final_latents[3])  # the branches churned apart
 

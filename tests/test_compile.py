@@ -5,24 +5,24 @@ import torch
 from fdfo.model.compile import compile_blocks, should_compile
 from fdfo.formulas.estimator import normalise, surrogate_loss
 from fdfo.model.lora import attach_lora
-from fdfo.model.sd3 import encode_prompts, latent_shape, predict_velocity
+from fdfo.model.sd3 import SD3
 from fdfo.model.tiny import random_pipeline
 
 
-def trained_looking_lora_pipe():
-    """The tiny pipeline with a LoRA whose B is non-zero, so the adapter changes every output."""
-    pipe = random_pipeline("tiny")
-    lora = attach_lora(pipe.transformer, seed=0)
+def trained_looking_lora_model():
+    """The tiny model with a LoRA whose B is non-zero, so the adapter changes every output."""
+    model = SD3(random_pipeline("tiny"))
+    lora = attach_lora(model.transformer, seed=0)
     gen = torch.Generator().manual_seed(1)
     for name, p in lora.named_parameters():
         if "lora_B" in name:
             p.data = 0.05 * torch.randn(p.shape, generator=gen)
-    return pipe, lora
+    return model, lora
 
 
-def loss_and_grads(pipe, lora, x, sigmas, cond, v_ref, d, dR):
+def loss_and_grads(model, lora, x, sigmas, cond, v_ref, d, dR):
     lora.zero_grad(set_to_none=True)
-    v = predict_velocity(pipe.transformer, x, sigmas, cond, 1.0)
+    v = model.velocity(model.transformer, x, sigmas, cond, 1.0)
     terms = surrogate_loss(v, v_ref, d, dR, clip_range=0.03)
     terms.loss.backward()
     grads = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
@@ -30,27 +30,27 @@ def loss_and_grads(pipe, lora, x, sigmas, cond, v_ref, d, dR):
 
 
 def test_compiled_blocks_match_the_plain_path_in_sampling_and_training():
-    pipe, lora = trained_looking_lora_pipe()
+    model, lora = trained_looking_lora_model()
     gen = torch.Generator().manual_seed(2)
-    shape = latent_shape(pipe, None)
+    shape = model.latent_shape(None)
     x = torch.randn(4, *shape, generator=gen)  # sampling batch of 4
     sigma = torch.tensor(0.7)
-    cond = encode_prompts(pipe, ["a red cube", "two cats", "a tree at night", "blue"], 1.0, 32)
+    cond = model.encode(["a red cube", "two cats", "a tree at night", "blue"], 1.0, 32)
     rows = torch.tensor([1, 3])  # a training micro-batch of another size than the sampling batch
     train_cond = cond.index(rows)
     d, dR = normalise(torch.randn(2, *shape, generator=gen)), torch.tensor([0.3, -0.2])
     sigmas = sigma.expand(2)
 
     with torch.no_grad():
-        v_plain = predict_velocity(pipe.transformer, x, sigma, cond, 1.0)
+        v_plain = model.velocity(model.transformer, x, sigma, cond, 1.0)
     # Off the sampling policy (v_ref shifted), so that ρ ≠ 1 and every term of the loss has a gradient.
     v_ref = v_plain[rows] + 0.01 * torch.randn(2, *shape, generator=gen)
-    plain, plain_grads = loss_and_grads(pipe, lora, x[rows], sigmas, train_cond, v_ref, d, dR)
+    plain, plain_grads = loss_and_grads(model, lora, x[rows], sigmas, train_cond, v_ref, d, dR)
 
-    assert compile_blocks(pipe.transformer) == len(pipe.transformer.transformer_blocks)
+    assert compile_blocks(model.blocks()) == len(model.transformer.transformer_blocks)
     with torch.no_grad():
-        v_compiled = predict_velocity(pipe.transformer, x, sigma, cond, 1.0)
-    compiled, compiled_grads = loss_and_grads(pipe, lora, x[rows], sigmas, train_cond, v_ref, d, dR)
+        v_compiled = model.velocity(model.transformer, x, sigma, cond, 1.0)
+    compiled, compiled_grads = loss_and_grads(model, lora, x[rows], sigmas, train_cond, v_ref, d, dR)
 
     scale = v_plain.abs().max()
     assert (v_compiled - v_plain).abs().max() <= 1e-5 * scale
@@ -63,7 +63,7 @@ def test_compiled_blocks_match_the_plain_path_in_sampling_and_training():
         assert (compiled_grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
 
     # On the sampling policy the compiled training pass reproduces the compiled sampling pass: ρ = 1.
-    on_policy, _ = loss_and_grads(pipe, lora, x[rows], sigmas, train_cond, v_compiled[rows], d, dR)
+    on_policy, _ = loss_and_grads(model, lora, x[rows], sigmas, train_cond, v_compiled[rows], d, dR)
     assert (on_policy.ratio - 1).abs().max() < 1e-5
 
 

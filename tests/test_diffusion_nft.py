@@ -6,9 +6,9 @@ import torch
 from fdfo.formulas.diffusion_nft import (DEFAULTS, adaptive_x0_loss, dpm2_step, forward_noise, implicit_policies,
                                          lagged_update, nft_loss, old_policy_decay, optimality_weight,
                                          train_timestep_indices)
-from fdfo.model.sampler import flow_sigmas
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity
-from fdfo.model.tiny import sd3_scheduler
+from fdfo.model.backbone import PromptEmbeds
+from fdfo.model.sd3 import SD3
+from fdfo.model.tiny import random_pipeline
 
 
 def lats(*rows):
@@ -151,7 +151,7 @@ def test_the_dpm2_solver_is_second_order_on_the_sd3_grid():
     # Gaussian data N(0, 1): the exact velocity is linear, the exact ODE takes x(1) to x(0) = x(1). Doubling the
     # steps divides Euler's error by 2 and dpm2's by 4 (measured: 40 → 80 steps, 2.0× and 4.6×).
     def solve(steps, solver):
-        sigmas = flow_sigmas(sd3_scheduler(), steps, torch.device("cpu")).double()
+        sigmas = SD3(random_pipeline("tiny")).sigmas(steps, None, torch.device("cpu")).double()
         x, previous = torch.ones(1, dtype=torch.float64), None
         for i in range(steps):
             s = sigmas[i]
@@ -175,6 +175,6 @@ def test_diffusion_nfts_rollouts_feed_integer_timesteps():
         return (torch.zeros_like(hidden_states),)
     cond = PromptEmbeds(torch.zeros(1, 2, 4), torch.zeros(1, 4), None, None)
     for integer in (True, False):
-        predict_velocity(transformer, torch.zeros(1, 4, 2, 2), torch.tensor(0.960129), cond, 1.0, integer_timestep=integer)
+        SD3(random_pipeline("tiny")).velocity(transformer, torch.zeros(1, 4, 2, 2), torch.tensor(0.960129), cond, 1.0, integer_timestep=integer)
     assert seen[0].dtype == torch.long and seen[0].tolist() == [960]
     assert seen[1].dtype == torch.float32 and seen[1].item() == pytest.approx(960.129, abs=1e-3)

@@ -20,7 +20,7 @@ from fdfo.evaluation.generate import generate
 from fdfo.evaluation.grid import make_grid, planned_grid_size
 from fdfo.evaluation.metrics import evaluate
 from fdfo.hub_files import ModelLoadError, not_loaded
-from fdfo.model.loading import load_pipeline
+from fdfo.model.loading import load_backbone
 from fdfo.rewards import Scorers, build_reward
 from fdfo.rewards.registry import RewardSpecError, parse_terms
 from fdfo.rewards.twins import random_clip
@@ -80,17 +80,17 @@ def test_the_planned_grid_size_is_the_grids_own():
 @pytest.mark.parametrize("name", ["./models/sd35", "/no/such/folder", "~/models/sd35", "models/sd35/transformer"])
 def test_a_model_folder_that_is_not_there_is_a_sentence_before_anything_loads(name, nothing_loads, monkeypatch):
     monkeypatch.setattr("fdfo.evaluation.generate.weights_and_settings", must_not_run("resolving the checkpoint"))
-    expected = r"is not a Hugging Face Hub id \(org/name\) either; give the folder of a diffusers SD3 model"
+    expected = r"is not a Hugging Face Hub id \(org/name\) either; give the folder of a diffusers SD3 or FLUX model"
     with pytest.raises(ModelLoadError, match=r"--pretrained-model .*: there is no folder .*, and it " + expected):
         generate(parse(GenerateConfig, ["--pretrained-model", name]))
     with pytest.raises(ModelLoadError, match="there is no folder"):
         evaluate(parse(MetricsConfig, ["--pretrained-model", name]))
     with pytest.raises(ModelLoadError, match="there is no folder"):  # train.py's and export.py's loader
-        load_pipeline(name, CPU, torch.float32)
+        load_backbone(name, CPU, torch.float32)
 
 
 @pytest.mark.parametrize("load,repo", [
-    (lambda: load_pipeline(SD35M, CPU, torch.float32), SD35M),
+    (lambda: load_backbone(SD35M, CPU, torch.float32), SD35M),
     (lambda: Scorers(CPU, None, purpose="metric").build("pickscore"), "yuvalkirstain/PickScore_v1"),
     (lambda: Scorers(CPU, None, purpose="metric").build("hpsv2"), "adams-story/HPSv2-hf"),
     (lambda: Scorers(CPU, None, purpose="metric").build("clip_l14"), "openai/clip-vit-large-patch14"),

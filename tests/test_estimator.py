@@ -3,7 +3,6 @@ import torch
 from fdfo.formulas.estimator import (endpoint_differences, log_ratio, normalise, reward_differences, surrogate_loss,
                             target_velocity)
 from fdfo.model.sampler import sample_pairs
-from fdfo.model.sd3 import encode_prompts
 
 
 def test_reward_and_endpoint_differences_by_hand():
@@ -59,7 +58,7 @@ def test_kl_term_is_added_with_its_weight():
     torch.testing.assert_close(with_kl.loss, plain.loss + 0.5 * 0.16)
 
 
-def test_estimator_estimates_the_reward_gradient(tiny_pipe):
+def test_estimator_estimates_the_reward_gradient(tiny):
     """With R = ⟨g, x_T⟩, E[dR · dx] = Cov(dx) g: the mean over pairs points along g.
 
     Cov(dx) (churn propagated through the flow) is not isotropic on the tiny model, so even the exact
@@ -69,10 +68,10 @@ def test_estimator_estimates_the_reward_gradient(tiny_pipe):
     error ≈ 0.
     """
     pairs = 1024
-    cond = encode_prompts(tiny_pipe, ["a lighthouse at dusk"], 1.0, 128).repeat_interleave(pairs)
+    cond = tiny.encode(["a lighthouse at dusk"], 1.0, 128).repeat_interleave(pairs)
     gens = [torch.Generator().manual_seed(1000 + k) for k in range(pairs)]
     with torch.no_grad():
-        out = sample_pairs(tiny_pipe, cond, gens, num_steps=4, churn=0.0025, resolution=16)
+        out = sample_pairs(tiny, cond, gens, num_steps=4, churn=0.0025, resolution=16)
     g = torch.randn(out.final_latents[0].shape, generator=torch.Generator().manual_seed(5))
     rewards = (out.final_latents * g).flatten(1).sum(1)
     dx = endpoint_differences(out.final_latents)

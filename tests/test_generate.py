@@ -22,6 +22,7 @@ from fdfo.evaluation.grid import grid_size, make_grid
 from fdfo.runs.hub import HubCheckpoint, parse_checkpoint, resolve_checkpoint
 from fdfo.model.lora import LoraLoadError, attach_lora, attach_lora_from, lora_config, save_lora
 from fdfo.model.lora_folder import ADAPTER_FILES
+from fdfo.model.sd3 import SD3
 from fdfo.model.tiny import TINY_TRANSFORMER, random_pipeline
 from fdfo.harness.training_loop import train
 
@@ -141,12 +142,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_integer_timesteps_feed_the_transformer_what_diffusionnfts_pipeline_feeds_it():
     # Its pipeline: torch.full(..., sigma * 1000, dtype=torch.long) for each σ of the scheduler's grid.
-    pipe = random_pipeline("tiny")
+    backbone = SD3(random_pipeline("tiny"))
+    pipe = backbone.pipe
     seen = []
     pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
     prompts, seeds = ["a red cube", "a blue sphere"], [0, 1]
-    with_float = generate_images(pipe, prompts, seeds, 6, 1.0, None, 16, batch_size=2)
-    with_integer = generate_images(pipe, prompts, seeds, 6, 1.0, None, 16, batch_size=2, integer=True)
+    with_float = generate_images(backbone, prompts, seeds, 6, 1.0, None, 16, batch_size=2)
+    with_integer = generate_images(backbone, prompts, seeds, 6, 1.0, None, 16, batch_size=2, integer=True)
     pipe.scheduler.set_timesteps(6)
     published = [torch.full([2], sigma * 1000, dtype=torch.long) for sigma in pipe.scheduler.sigmas.float()[:-1]]
     assert all(t.dtype == torch.float32 for t in seen[:6]) and any(t.frac().abs().max() > 0.1 for t in seen[:6])

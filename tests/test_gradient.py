@@ -12,7 +12,6 @@ from fdfo.formulas.gradient import time_weight, virtual_pair
 from fdfo.harness.training_loop import train
 from fdfo.methods.fdfo_grad import FdfoGrad, reward_gradient
 from fdfo.model.sampler import sample_pairs
-from fdfo.model.sd3 import decode, encode_prompts
 from fdfo.rewards import Reward, RewardTerm
 from fdfo.rewards.brightness import brightness
 from fdfo.rewards.registry import RewardSpecError
@@ -37,26 +36,26 @@ def test_reward_score_matchings_time_weights():
 
 
 @pytest.mark.parametrize("chain", [False, True])
-def test_the_directions_are_the_gradients_of_the_reward_through_the_chain(chain, tiny_pipe):
+def test_the_directions_are_the_gradients_of_the_reward_through_the_chain(chain, tiny):
     # Without churn a sample's steps are plain Euler steps: re-running the chain from the output of step t with
     # autograd on, decoding and scoring gives ∂R/∂x_{t+1} directly, to compare with row J's step-by-step product;
     # row I's is ∂R/∂x_T at every step.
     torch.manual_seed(0)
     flags = [*small("fdfo_grad"), "--sample.churn-weight", "0", *(["--grad.chain"] if chain else [])]
     method = FdfoGrad(parse_train_config(flags))
-    cond = encode_prompts(tiny_pipe, ["a cat"], 1.0, 16)
-    traj = sample_pairs(tiny_pipe, cond, [torch.Generator().manual_seed(1)], num_steps=4, churn=0.0, resolution=32)
-    learner = SimpleNamespace(pipe=tiny_pipe, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
+    cond = tiny.encode(["a cat"], 1.0, 16)
+    traj = sample_pairs(tiny, cond, [torch.Generator().manual_seed(1)], num_steps=4, churn=0.0, resolution=32)
+    learner = SimpleNamespace(backbone=tiny, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
     directions = method.directions(learner, traj, cond, ["a cat"] * 2, chunk=1)  # one sample at a time
     sigmas, both = traj.sigmas, cond.repeat_interleave(2)
     for t in range(4):
         x = (traj.inputs[:, t + 1] if chain and t < 3 else traj.final_latents).clone().requires_grad_(True)
         y = x
         for i in range(t + 1, 4) if chain else ():
-            y = y + (sigmas[i + 1] - sigmas[i]) * tiny_pipe.transformer(
+            y = y + (sigmas[i + 1] - sigmas[i]) * tiny.transformer(
                 hidden_states=y, timestep=(1000 * sigmas[i]).expand(2), encoder_hidden_states=both.embeds,
                 pooled_projections=both.pooled, return_dict=False)[0]
-        (expected,) = torch.autograd.grad(brightness(decode(tiny_pipe, y, torch.float32), []).sum(), x)
+        (expected,) = torch.autograd.grad(brightness(tiny.decode(y, torch.float32), []).sum(), x)
         scale = expected.abs().max().item()  # rounding noise measured at ≤ 2.6e-6 of it (1, 2 threads; AVX2, AVX-512)
         torch.testing.assert_close(directions[:, t], expected, rtol=1e-4, atol=2e-5 * scale)
     if chain:  # the chain matters: the last step's gradient is not the first's
@@ -90,10 +89,10 @@ def test_row_j_counts_its_passes_and_resumes_bit_for_bit(tmp_path):
     assert [r["reward_mean"] for r in epochs(resumed)] == [r["reward_mean"] for r in epochs(straight)]
 
 
-def test_the_reward_gradient_in_fp16_is_the_fp32_one(tiny_pipe):
+def test_the_reward_gradient_in_fp16_is_the_fp32_one(tiny):
     # The fp16 recipe decodes under fp16 autocast: the reward is scaled before its backward pass (as a loss scaler
     # does), so the decoder's small gradients (|g| ≤ 7e-4 here) keep their direction. Measured: cosine 0.9999.
-    learner = SimpleNamespace(pipe=tiny_pipe, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
+    learner = SimpleNamespace(backbone=tiny, reward=Reward([RewardTerm("brightness", 1.0, brightness)]))
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     full, half = (reward_gradient(learner, x, ["a", "b"], dtype) for dtype in (torch.float32, torch.float16))
     assert torch.isfinite(half).all()

@@ -20,8 +20,8 @@ from fdfo.evaluation.metrics import evaluate
 from fdfo.harness.training_loop import train
 from fdfo.prefetch import fetch, needs, summary
 from fdfo.runs.export import export
-from tests.fake_hub import (FDFO_CHECKPOINTS, HPDV2_PROMPTS, NOT_READ, PUBLISHED_RUN, SD35M, add_repo, build_fake_hub,
-                            snapshot_files)
+from tests.fake_hub import (FDFO_CHECKPOINTS, FLUX1DEV, HPDV2_PROMPTS, NOT_READ, PUBLISHED_RUN, SD35L, SD35M, add_repo,
+                            build_fake_hub, snapshot_files)
 
 PICKSCORE, CLIP_H, HPSV2, CLIP_L = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                                     "adams-story/HPSv2-hf", "openai/clip-vit-large-patch14")
@@ -105,6 +105,27 @@ def test_training_each_preset_reads_what_prefetch_fetches(hub, tmp_path, monkeyp
     assert (run / "checkpoints" / "epoch-0000002" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("model", [SD35L, FLUX1DEV])
+def test_the_other_backbones_train_from_their_hub_ids_reading_what_prefetch_fetches(model, hub, tmp_path, monkeypatch):
+    # The repos' own layouts (FLUX.1-dev's single-file flux1-dev.safetensors and ae.safetensors beside its
+    # pipeline folders are not read), tiny random models inside.
+    args = ["--pretrained-model", model, "--reward-preset", "pickscore", "--prompt-file", "prompt_sets/demo.txt",
+            "--runs-dir", str(tmp_path / "runs"), "--num-epochs", "1", "--total-pairs-per-epoch", "2",
+            "--gradient-steps-per-epoch", "1", "--sample.num-solver-steps", "2", "--sample.resolution", "64",
+            "--sample.max-sequence-length", "32"]
+    files = prefetched(hub, "train.py", args, monkeypatch)
+    assert files == {model: all_read(hub, model), PICKSCORE: all_read(hub, PICKSCORE), CLIP_H: PROCESSOR_FILES}
+    assert not set(NOT_READ[model]) & files[model]
+    use_cache(monkeypatch, cache_of(hub, files, tmp_path / "hf" / "hub"))
+    run = train(parse_train_config(args))
+    assert (run / "checkpoints" / "epoch-0000001" / "adapter_model.safetensors").is_file()
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["pretrained_model"] == model
+    export(parse(ExportConfig, ["--checkpoint", str(run), "--out", str(tmp_path / "lora"), "--pretrained-model",
+                                model]))
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_generate_from_hf_a_hub_url_and_a_local_published_folder(hub, tmp_path, monkeypatch):
     url = f"https://huggingface.co/{FDFO_CHECKPOINTS}/tree/main/{PUBLISHED_RUN}/epoch-0000050"
     files = prefetched(hub, "generate.py", ["--checkpoint", RUN], monkeypatch)
@@ -143,7 +164,7 @@ def test_export_plain_and_merged_from_the_hub(hub, tmp_path, monkeypatch):
     assert prefetched(hub, "export.py", ["--checkpoint", RUN, "--out", str(tmp_path / "plain")], monkeypatch) == {}
     merged = ["--checkpoint", RUN, "--out", str(tmp_path / "merged"), "--merged"]
     files = prefetched(hub, "export.py", merged, monkeypatch)
-    assert files == {SD35M: {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}}
+    assert files == {SD35M: {"model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}}
     use_cache(monkeypatch, cache_of(hub, files, tmp_path / "hf" / "hub"))
     export(parse(ExportConfig, ["--checkpoint", RUN, "--out", str(tmp_path / "plain")]))
     export(parse(ExportConfig, merged))

@@ -168,7 +168,7 @@ def no_base_model(monkeypatch):
     """Loading the base model fails the test: the LoRA folder must be refused before it."""
     def load_base_model(*args, **kwargs):
         raise AssertionError("the base model was loaded before the LoRA folder was checked")
-    monkeypatch.setattr("fdfo.evaluation.images.load_pipeline", load_base_model)
+    monkeypatch.setattr("fdfo.evaluation.images.load_backbone", load_base_model)
     monkeypatch.setattr("fdfo.runs.export.load_transformer", load_base_model)
 
 

@@ -60,11 +60,11 @@ def test_one_rank_of_the_default_4_rank_run_fits_22_gib_with_the_transformer_par
         memory.fit(22, plan, SD35M, dataclasses.replace(shard, transformer_frozen=0))
 
 
-def test_parking_leaves_what_trains(tiny_pipe):
-    lora = attach_lora(tiny_pipe.transformer, rank=4, alpha=4)
-    frozen = [t for t in [*tiny_pipe.transformer.parameters(), *tiny_pipe.transformer.buffers()] if not t.requires_grad]
+def test_parking_leaves_what_trains(tiny):
+    lora = attach_lora(tiny.transformer, rank=4, alpha=4)
+    frozen = [t for t in [*tiny.transformer.parameters(), *tiny.transformer.buffers()] if not t.requires_grad]
     assert trainable(lora) and frozen
-    assert Parking([tiny_pipe.transformer], torch.device("cpu")).nbytes == \
+    assert Parking([tiny.transformer], torch.device("cpu")).nbytes == \
         sum(t.numel() * t.element_size() for t in frozen)
 
 
@@ -83,8 +83,8 @@ def test_a_budget_below_the_models_is_refused_with_what_they_need():
         check_train_config(parse_train_config(["--method", "draft", "--max-memory-gib", "22"]))
 
 
-def test_activation_checkpointing_leaves_the_gradient_unchanged(tiny_pipe):
-    transformer = tiny_pipe.transformer
+def test_activation_checkpointing_leaves_the_gradient_unchanged(tiny):
+    transformer = tiny.transformer
     lora = attach_lora(transformer, rank=4, alpha=4)
     with torch.no_grad():
         for name, p in lora.named_parameters():

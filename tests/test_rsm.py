@@ -14,7 +14,6 @@ from fdfo.formulas.rsm import hinge_matching_loss, matching_weight, mean_active_
 from fdfo.harness.optimise import step_sums
 from fdfo.harness.training_loop import train
 from fdfo.model.sampler import sample_branches, sample_rollouts
-from fdfo.model.sd3 import encode_prompts
 from tests.test_methods import epochs, small, weights
 
 
@@ -67,14 +66,14 @@ def test_the_kl_the_weights_and_the_sums_per_step_by_hand():
     assert sums.tolist() == [1 + 8 + 16, 2 + 4 + 32, 2 + 4 + 32, 1 + 8 + 16, 1 + 8 + 16, 2 + 4 + 32]
 
 
-def test_branches_leave_the_ode_trunk_by_one_sde_step_and_return_to_it(tiny_pipe):
-    cond = encode_prompts(tiny_pipe, ["a cat", "a dog"], 1.0, 16)
+def test_branches_leave_the_ode_trunk_by_one_sde_step_and_return_to_it(tiny):
+    cond = tiny.encode(["a cat", "a dog"], 1.0, 16)
     generators = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
-    out = sample_branches(tiny_pipe, cond, generators(), num_steps=4, branches=(2, 3, 0), noise_level=0.7,
+    out = sample_branches(tiny, cond, generators(), num_steps=4, branches=(2, 3, 0), noise_level=0.7,
                           resolution=32)
     assert out.step.tolist() == [0] * 4 + [1] * 6 and out.seed.tolist() == [0, 0, 1, 1, 0, 0, 0, 1, 1, 1]
     assert out.images.shape == (10, 3, 32, 32) and out.anchor_steps == [2] and out.anchors.shape[0] == 2
-    trunk = sample_rollouts(tiny_pipe, cond, generators(), num_steps=4, noise_level=0.0, resolution=32)
+    trunk = sample_rollouts(tiny, cond, generators(), num_steps=4, noise_level=0.0, resolution=32)
     sigmas = out.sigmas
     for row in range(10):  # the stored x_i is the trunk's state; the branch's end is its SDE step, then the ODE
         seed, i = out.seed[row].item(), out.step[row].item()
@@ -82,14 +81,14 @@ def test_branches_leave_the_ode_trunk_by_one_sde_step_and_return_to_it(tiny_pipe
         x = sde_step(out.inputs[row:row + 1], out.velocities[row:row + 1], sigmas[i], sigmas[i + 1], 0.7,
                      out.noise[row:row + 1], sigma_max=sigmas[1].item()).next
         for j in range(i + 1, 4):
-            v = tiny_pipe.transformer(hidden_states=x, timestep=(1000 * sigmas[j]).view(1),
+            v = tiny.transformer(hidden_states=x, timestep=(1000 * sigmas[j]).view(1),
                                       encoder_hidden_states=cond.embeds[seed:seed + 1],
                                       pooled_projections=cond.pooled[seed:seed + 1], return_dict=False)[0]
             x = x + (sigmas[j + 1] - sigmas[j]) * v
         torch.testing.assert_close(out.final_latents[row:row + 1], x, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.anchors, trunk.inputs[:, 2], rtol=0, atol=1e-6)
     # Each seed's draws come from its own generator: the same alone as beside another seed.
-    alone = sample_branches(tiny_pipe, cond.take(torch.tensor([1])), generators()[1:], num_steps=4,
+    alone = sample_branches(tiny, cond.take(torch.tensor([1])), generators()[1:], num_steps=4,
                             branches=(2, 3, 0), noise_level=0.7, resolution=32)
     torch.testing.assert_close(alone.noise, out.noise[out.seed == 1], rtol=0, atol=0)
 

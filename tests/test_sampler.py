@@ -6,7 +6,6 @@ import torch
 from fdfo.formulas.flow_grpo import sde_step, step_log_prob
 from fdfo.formulas.churn import raw_gammas
 from fdfo.model.sampler import branch_noise, churned_euler_step, perturb_initial, sample_pairs, sample_rollouts
-from fdfo.model.sd3 import encode_prompts, predict_velocity
 
 PROMPTS = ["a red cube on a wooden table", "an astronaut riding a horse"]
 
@@ -16,14 +15,14 @@ def generators(seeds):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_churn_zero_equals_diffusers_pipeline(tiny_pipe, guidance):
-    cond = encode_prompts(tiny_pipe, PROMPTS, guidance, 128)
-    ours = sample_pairs(tiny_pipe, cond, generators([3, 4]), num_steps=6, churn=0.0, guidance_scale=guidance)
+def test_churn_zero_equals_diffusers_pipeline(tiny, guidance):
+    cond = tiny.encode(PROMPTS, guidance, 128)
+    ours = sample_pairs(tiny, cond, generators([3, 4]), num_steps=6, churn=0.0, guidance_scale=guidance)
     base = torch.stack([torch.randn(16, 8, 8, generator=g) for g in generators([3, 4])])
     kwargs = dict(prompt=PROMPTS, num_inference_steps=6, guidance_scale=guidance, latents=base.clone(),
                   max_sequence_length=128, height=64, width=64)
-    latents = tiny_pipe(**kwargs, output_type="latent").images
-    images = tiny_pipe(**kwargs, output_type="pt").images
+    latents = tiny.pipe(**kwargs, output_type="latent").images
+    images = tiny.pipe(**kwargs, output_type="pt").images
     # Both branches are the plain Euler trajectory; fp32 on CPU, so only rounding differs.
     print(f"guidance {guidance}: max |difference| to diffusers: latents "
           f"{(ours.final_latents[0::2] - latents).abs().max():.2e}, images {(ours.images[0::2] - images).abs().max():.2e}")
@@ -68,10 +67,10 @@ def test_initial_perturbation_keeps_unit_variance():
     assert abs(perturb_initial(x, 0.3, noise).var().item() - 1) < 5e-3
 
 
-def test_branches_share_base_noise_and_differ_only_by_churn(tiny_pipe):
+def test_branches_share_base_noise_and_differ_only_by_churn(tiny):
     gamma = 0.0025
-    cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
-    out = sample_pairs(tiny_pipe, cond, generators([7, 8]), num_steps=4, churn=gamma)
+    cond = tiny.encode(PROMPTS, 1.0, 128)
+    out = sample_pairs(tiny, cond, generators([7, 8]), num_steps=4, churn=gamma)
     # Replay each pair's generator: base noise first, then the two branches' initial churn.
     for k, g in enumerate(generators([7, 8])):
         base = torch.randn(16, 8, 8, generator=g)
@@ -84,33 +83,33 @@ def test_branches_share_base_noise_and_differ_only_by_churn(tiny_pipe):
     assert gap < unpaired / 5
 
 
-def test_fixed_generators_give_identical_pairs_and_pairs_do_not_depend_on_their_batch(tiny_pipe):
-    cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
-    first = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4)
-    again = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4)
+def test_fixed_generators_give_identical_pairs_and_pairs_do_not_depend_on_their_batch(tiny):
+    cond = tiny.encode(PROMPTS, 1.0, 128)
+    first = sample_pairs(tiny, cond, generators([1, 2]), num_steps=4)
+    again = sample_pairs(tiny, cond, generators([1, 2]), num_steps=4)
     for name in ("inputs", "velocities", "final_latents", "images"):
         assert torch.equal(getattr(first, name), getattr(again, name))
-    alone = sample_pairs(tiny_pipe, cond.index(slice(1, 2)), generators([2]), num_steps=4)
+    alone = sample_pairs(tiny, cond.index(slice(1, 2)), generators([2]), num_steps=4)
     torch.testing.assert_close(alone.final_latents, first.final_latents[2:], rtol=0, atol=1e-5)
 
 
-def test_one_generator_per_pair_is_required(tiny_pipe):
-    cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
+def test_one_generator_per_pair_is_required(tiny):
+    cond = tiny.encode(PROMPTS, 1.0, 128)
     with pytest.raises(ValueError, match="one generator per pair"):
-        sample_pairs(tiny_pipe, cond, generators([1]), num_steps=2)
+        sample_pairs(tiny, cond, generators([1]), num_steps=2)
 
 
-def test_rollouts_are_the_ode_at_noise_0_and_keep_the_sde_steps_log_density(tiny_pipe):
-    cond = encode_prompts(tiny_pipe, PROMPTS, 1.0, 128)
-    pairs = sample_pairs(tiny_pipe, cond, generators([1, 2]), num_steps=4, churn=0.0)
-    ode = sample_rollouts(tiny_pipe, cond, generators([1, 2]), num_steps=4, noise_level=0.0)
+def test_rollouts_are_the_ode_at_noise_0_and_keep_the_sde_steps_log_density(tiny):
+    cond = tiny.encode(PROMPTS, 1.0, 128)
+    pairs = sample_pairs(tiny, cond, generators([1, 2]), num_steps=4, churn=0.0)
+    ode = sample_rollouts(tiny, cond, generators([1, 2]), num_steps=4, noise_level=0.0)
     assert ode.log_probs is None
     torch.testing.assert_close(ode.final_latents, pairs.final_latents[::2], rtol=0, atol=1e-6)  # branch a of each pair
-    sde = sample_rollouts(tiny_pipe, cond, generators([1, 2]), num_steps=4, noise_level=0.7)
+    sde = sample_rollouts(tiny, cond, generators([1, 2]), num_steps=4, noise_level=0.7)
     assert sde.log_probs.shape == (2, 4) and torch.equal(sde.inputs[:, 0], ode.inputs[:, 0])  # same starting noise
     # Step 1's log-density, recomputed from what the rollout kept: x_1, the velocity there, x_2.
     sigmas = sde.sigmas
-    v = predict_velocity(tiny_pipe.transformer, sde.inputs[:, 1], sigmas[1], cond, 1.0)
+    v = tiny.velocity(tiny.transformer, sde.inputs[:, 1], sigmas[1], cond, 1.0)
     step = sde_step(sde.inputs[:, 1], v, sigmas[1], sigmas[2], 0.7, torch.zeros_like(v), sigma_max=sigmas[1].item())
     torch.testing.assert_close(step_log_prob(sde.inputs[:, 2], step.mean, step.std), sde.log_probs[:, 1],
                                rtol=0, atol=1e-5)

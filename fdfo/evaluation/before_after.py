@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 
 from fdfo import distributed
@@ -13,6 +12,7 @@ from fdfo.config import PROJECT_ROOT, SampleConfig
 from fdfo.evaluation.images import generate_images
 from fdfo.evaluation.grid import make_grid
 from fdfo.harness.prompts import load_prompts
+from fdfo.model.backbone import Backbone
 from fdfo.rewards import Reward
 
 BEFORE_AFTER = "before_after.png"
@@ -20,7 +20,7 @@ PROMPTS = PROJECT_ROOT / "prompt_sets" / "generate_default.txt"
 SEEDS = (0, 1)  # images per prompt, the same seeds in both rows
 
 
-def write_before_after(pipe: StableDiffusion3Pipeline, lora: PeftModel, reward: Reward, sample: SampleConfig,
+def write_before_after(backbone: Backbone, lora: PeftModel, reward: Reward, sample: SampleConfig,
                        epochs_done: int, out: Path) -> None:
     """Grid of the base model's images (top row) over the trained LoRA's (bottom row), each row labelled with
     its mean reward. Every rank takes part (a sharded reward model needs them all); rank 0 writes `out`."""
@@ -28,7 +28,7 @@ def write_before_after(pipe: StableDiffusion3Pipeline, lora: PeftModel, reward: 
     jobs = [(p, s) for p in prompts for s in SEEDS]
 
     def images() -> torch.Tensor:
-        return generate_images(pipe, [p for p, _ in jobs], [s for _, s in jobs], sample.num_solver_steps,
+        return generate_images(backbone, [p for p, _ in jobs], [s for _, s in jobs], sample.num_solver_steps,
                                sample.guidance_scale, sample.resolution, sample.max_sequence_length,
                                batch_size=len(jobs), desc="before/after")
 

@@ -26,10 +26,10 @@ def generate(cfg: GenerateConfig) -> Path:
     check_grid_fits(cfg, prompts)
     check_model_name(cfg.pretrained_model)
     cfg, checkpoint = weights_and_settings(cfg)
-    pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
+    backbone = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, distributed.init())
     per_prompt = cfg.grid_rows * cfg.grid_cols
     # As published: image i of the grid (prompt-major) starts from seed + i.
-    images = generate_images(pipe, [p for p in prompts for _ in range(per_prompt)],
+    images = generate_images(backbone, [p for p in prompts for _ in range(per_prompt)],
                              [cfg.seed + i for i in range(len(prompts) * per_prompt)], cfg.num_solver_steps,
                              cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length, cfg.batch_size,
                              integer=cfg.integer_timesteps)

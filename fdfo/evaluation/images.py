@@ -1,29 +1,27 @@
-"""Images from the plain diffusers SD3 pipeline (no churn), one seed per image; shared by generate.py and metrics.py."""
+"""Images from the plain diffusers pipeline of the backbone (no churn), one seed per image; shared by generate.py and metrics.py."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from tqdm import tqdm
 
 from fdfo import distributed
 from fdfo.model.lora import attach_lora_from
-from fdfo.model.loading import load_pipeline, model_dtype
-from fdfo.model.sd3 import default_resolution, latent_shape
+from fdfo.model.backbone import Backbone
+from fdfo.model.loading import load_backbone, model_dtype
 
 
 def load_with_checkpoint(pretrained_model: str, precision: str, checkpoint: Path | None,
-                         device: torch.device) -> StableDiffusion3Pipeline:
-    """The base pipeline, with the LoRA of `checkpoint` (a resolved adapter folder) attached if given."""
-    pipe = load_pipeline(pretrained_model, device, model_dtype(precision, device))
+                         device: torch.device) -> Backbone:
+    """The base model, with the LoRA of `checkpoint` (a resolved adapter folder) attached if given."""
+    backbone = load_backbone(pretrained_model, device, model_dtype(precision, device))
     if checkpoint is not None:
-        attach_lora_from(pipe.transformer, checkpoint)
+        attach_lora_from(backbone.transformer, checkpoint)
         distributed.print0(f"LoRA from {checkpoint}")
-    return pipe
+    return backbone
 
 
 def image_noise(seeds: list[int], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -40,36 +38,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 255 + 0.5).clip(0, 255).to(torch.uint8)
 
 
-@contextlib.contextmanager
-def integer_timesteps(transformer: torch.nn.Module) -> Iterator[None]:
-    """The pipeline's timesteps 1000σ (float32) reach the transformer truncated to integers, as DiffusionNFT's
-    pipeline feeds them (`torch.full(..., sigma * 1000, dtype=torch.long)`)."""
-    def truncate(module, args, kwargs):
-        return args, {**kwargs, "timestep": kwargs["timestep"].long()}
-    handle = transformer.register_forward_pre_hook(truncate, with_kwargs=True, prepend=True)  # before any other
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
-def generate_images(pipe: StableDiffusion3Pipeline, prompts: list[str], seeds: list[int], num_steps: int,
+def generate_images(backbone: Backbone, prompts: list[str], seeds: list[int], num_steps: int,
                     guidance_scale: float, resolution: int | None, max_sequence_length: int,
                     batch_size: int, desc: str = "generating", integer: bool = False) -> torch.Tensor:
     """uint8 images (N, 3, H, W) for prompts[i] with starting noise from seeds[i], in batches; `integer`: at
-    integer timesteps."""
-    device = pipe.transformer.device
-    pipe.set_progress_bar_config(disable=True)  # one bar, ours, over the batches
-    resolution = resolution or default_resolution(pipe)
-    shape = latent_shape(pipe, resolution)
+    integer timesteps (as DiffusionNFT's pipeline feeds them)."""
+    transformer = backbone.transformer
+    backbone.pipe.set_progress_bar_config(disable=True)  # one bar, ours, over the batches
+    resolution = resolution or backbone.default_resolution()
+    shape = backbone.latent_shape(resolution)
     out = []
-    with integer_timesteps(pipe.transformer) if integer else contextlib.nullcontext():
+    with backbone.integer_timesteps() if integer else contextlib.nullcontext():
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not distributed.is_main()):
             chunk = slice(start, start + batch_size)
-            latents = image_noise(seeds[chunk], shape, pipe.transformer.dtype).to(device)
-            images = pipe(prompt=prompts[chunk], latents=latents, num_inference_steps=num_steps,
-                          guidance_scale=guidance_scale, height=resolution, width=resolution,
-                          max_sequence_length=max_sequence_length, output_type="pt").images
+            latents = image_noise(seeds[chunk], shape, transformer.dtype).to(transformer.device)
+            images = backbone.generate(prompts[chunk], latents, num_steps, guidance_scale, resolution,
+                                       max_sequence_length)
             out.append(to_uint8(images).cpu())
     return torch.cat(out)

@@ -37,14 +37,14 @@ def evaluate(cfg: MetricsConfig) -> dict:
     scorer_models.park()
 
     # Generate this rank's images with the plain pipeline.
-    pipe = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, device)
+    backbone = load_with_checkpoint(cfg.pretrained_model, cfg.precision, checkpoint, device)
     mine = rank_prompt_indices(len(prompts), distributed.rank(), distributed.world_size())
     jobs = [(i, r) for i in mine for r in range(cfg.num_repeats)]
-    images = generate_images(pipe, [prompts[i] for i, _ in jobs],
+    images = generate_images(backbone, [prompts[i] for i, _ in jobs],
                              [image_seed(cfg.image_seed, i, cfg.num_repeats, r) for i, r in jobs],
                              cfg.num_solver_steps, cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length,
                              cfg.batch_size, integer=cfg.integer_timesteps)
-    del pipe
+    del backbone
     scorer_models.to_device()
 
     results = {metric.name: score_metric(metric, images, [prompts[i] for i, _ in jobs], jobs, cfg.batch_size)

@@ -1,4 +1,4 @@
-"""What a training run holds from epoch to epoch: the pipeline with its LoRA, the reward, the optimiser, the
+"""What a training run holds from epoch to epoch: the base model with its LoRA, the reward, the optimiser, the
 gradient scaler, the EMA, a method's own copies of the LoRA weights and the count of forward passes. Set up once
 per run, restored from a checkpoint on resume, saved into one."""
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,10 +18,10 @@ from fdfo.errors import UserError
 from fdfo.config import SampleConfig, TrainConfig, TrainPhaseConfig
 from fdfo.harness import memory
 from fdfo.model.compile import compile_blocks, should_compile
-from fdfo.model.loading import load_pipeline, training_dtypes
+from fdfo.model.backbone import Backbone, PromptEmbeds
+from fdfo.model.loading import backbone_class, load_backbone, training_dtypes
 from fdfo.model.lora import attach_lora, load_lora, load_lora_copy, trainable
 from fdfo.model.parking import Parking
-from fdfo.model.sd3 import PromptEmbeds, encode_prompts, predict_velocity
 from fdfo.rewards import Reward, Scorers, build_reward, reward_terms, twins_for
 from fdfo.runs.checkpoint import TrainingState, save_checkpoint
 from fdfo.runs.ema import EMA_FOLDER, LoraEma, load_ema, start_ema
@@ -43,7 +42,7 @@ class Passes:
 
 @dataclass
 class Learner:
-    pipe: StableDiffusion3Pipeline
+    backbone: Backbone  # the base model (SD3, FLUX) and its pipeline
     lora: PeftModel  # the LoRA-wrapped transformer (the pipeline runs the same modules)
     model: torch.nn.Module  # what training calls: the transformer, in DDP with several ranks
     reward: Reward
@@ -100,8 +99,8 @@ class Learner:
         it, the transformer's base weights make room for the text encoders meanwhile."""
         self.transformer_weights.park()
         self.text_encoders.to_device()
-        conds = [encode_prompts(self.pipe, batch, sample.guidance_scale, sample.max_sequence_length)
-                 .to(self.compute_dtype) for batch in prompt_batches]
+        conds = [self.backbone.encode(batch, sample.guidance_scale, sample.max_sequence_length).to(self.compute_dtype)
+                 for batch in prompt_batches]
         self.text_encoders.park()
         self.transformer_weights.to_device()
         self.reward_models.to_device()
@@ -112,7 +111,7 @@ class Learner:
                            guidance_scale: float) -> torch.Tensor:
         """v(x, σ) of the LoRA-free base model, the anchor of the methods' KL terms."""
         with self.lora.disable_adapter():
-            return predict_velocity(self.model, x, sigma, cond, guidance_scale)
+            return self.backbone.velocity(self.model, x, sigma, cond, guidance_scale)
 
     def count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the transformer: the cost axis of the methods' comparison (a CFG call counts twice).
@@ -130,7 +129,7 @@ class Learner:
     def passes(self) -> Passes:
         """Samples through the transformer forward and backward on all ranks since the run began (a collective:
         every rank calls it); None when resumed from a checkpoint of an fdfo that did not count them."""
-        rows = torch.tensor(self.rows, dtype=torch.int64, device=self.pipe.transformer.device)
+        rows = torch.tensor(self.rows, dtype=torch.int64, device=self.backbone.transformer.device)
         total = distributed.all_reduce_sum(rows).tolist()
         return Passes(*[None if before is None else before + n for before, n in zip(self.rows_before, total)])
 
@@ -170,18 +169,18 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies
     """Load the model, attach its LoRA, build the reward and the optimiser, start the LoRA `copies` a method
     keeps at the LoRA's weights; restore them all from `resume`. `park_rewards`: the reward models may leave
     the GPU while the LoRA trains (with --memory-efficient)."""
-    weights_dtype, compute_dtype = training_dtypes(cfg.precision, device)
+    auto = backbone_class(cfg.pretrained_model).auto_precision
+    weights_dtype, compute_dtype = training_dtypes(cfg.precision, device, auto)
     if cfg.max_memory_gib is not None:
         memory.cap(cfg.max_memory_gib, device)
-    pipe = load_pipeline(cfg.pretrained_model, device, weights_dtype)
-    pipe.vae.enable_slicing()  # decode one image at a time, as the published sampler: the decoder's peak memory / 12
-    lora = attach_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    backbone = load_backbone(cfg.pretrained_model, device, weights_dtype)
+    backbone.vae.enable_slicing()  # decode one image at a time, as the published sampler: the decoder's peak / 12
+    lora = attach_lora(backbone.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.seed, backbone.lora_targets)
     if should_compile(cfg.compile, device):
-        compile_blocks(pipe.transformer)  # compiled on first use: in the first sampling batch and micro-batch
+        compile_blocks(backbone.blocks())  # compiled on first use: in the first sampling batch and micro-batch
     # Frozen models leave the GPU while not in use: leaving costs nothing, coming back one copy. Under a memory
     # budget, each group leaves as soon as it is built, so that they never share the GPU.
-    text_encoders = Parking([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
-                            if cfg.memory_efficient else [], device)
+    text_encoders = Parking(backbone.text_encoders if cfg.memory_efficient else [], device)
     if cfg.max_memory_gib is not None:
         text_encoders.park()
     scorers = Scorers(device, twins_for(cfg.pretrained_model), purpose="reward", vlm_model_name=cfg.vlm_model_name,
@@ -196,12 +195,12 @@ def set_up(cfg: TrainConfig, device: torch.device, resume: Resume | None, copies
     lora_copies = {name: [p.detach().clone() for p in trainable(lora)] for name in copies}
     # The transformer's only buffer is a fixed positional table: broadcasting it every forward (DDP's default)
     # would put a collective in each micro-batch and lock the ranks into step.
-    model = (DistributedDataParallel(pipe.transformer, broadcast_buffers=False) if distributed.world_size() > 1
-             else pipe.transformer)
-    learner = Learner(pipe=pipe, lora=lora, model=model, reward=reward, text_encoders=text_encoders,
+    model = (DistributedDataParallel(backbone.transformer, broadcast_buffers=False) if distributed.world_size() > 1
+             else backbone.transformer)
+    learner = Learner(backbone=backbone, lora=lora, model=model, reward=reward, text_encoders=text_encoders,
                       reward_models=reward_models, transformer_weights=Parking([], device), optimizer=optimizer, scaler=scaler, ema=ema, copies=lora_copies,
                       compute_dtype=compute_dtype, max_grad_norm=cfg.train.max_grad_norm)
-    pipe.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
+    backbone.transformer.register_forward_pre_hook(learner.count_forward, with_kwargs=True)
     if resume is not None:
         restore(learner, resume, cfg)
     return learner

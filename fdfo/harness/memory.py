@@ -26,11 +26,10 @@ from fdfo.config import ConfigError, SampleConfig
 from fdfo.harness.batching import BatchPlan
 from fdfo.model.lora import trainable
 from fdfo.model.parking import frozen_tensors, module_bytes, tensor_bytes
-from fdfo.model.sd3 import latent_shape, tokens_per_row
+from fdfo.model.backbone import Backbone
+from fdfo.model.sd3 import SD3
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusion3Pipeline
-
     from fdfo.harness.learner import Learner
 
 GIB = 2**30
@@ -154,13 +153,17 @@ def cap(budget_gib: float, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GIB / total), device)
 
 
-def shapes(pipe: StableDiffusion3Pipeline, sample: SampleConfig, items_per_sample: int) -> Shapes:
+def shapes(backbone: Backbone, sample: SampleConfig, items_per_sample: int) -> Shapes:
     """The run's transformer at its resolution and prompt length."""
-    config = pipe.transformer.config
-    channels, side, width = latent_shape(pipe, sample.resolution)
+    if not isinstance(backbone, SD3):
+        raise ConfigError(f"--max-memory-gib plans with activation costs measured on SD3's blocks; a "
+                        f"{type(backbone).__name__} model's are not measured yet: drop --max-memory-gib and set "
+                        "--sample.batch-size and --train.micro-batch yourself.")
+    config = backbone.transformer.config
+    channels, side, width = backbone.latent_shape(sample.resolution)
     return Shapes(blocks=config.num_layers, channels=config.num_attention_heads * config.attention_head_dim,
-                  tokens=tokens_per_row(pipe, sample.resolution, sample.max_sequence_length),
-                  rows_per_item=2 if sample.guidance_scale != 1 else 1,
+                  tokens=backbone.tokens_per_row(sample.resolution, sample.max_sequence_length),
+                  rows_per_item=2 if backbone.uses_cfg(sample.guidance_scale) else 1,
                   stored_bytes_per_sample=2 * items_per_sample * channels * side * width * 4)  # float32 x and v
 
 
@@ -168,11 +171,11 @@ def sizes(learner: Learner, device: torch.device) -> Sizes:
     """What the learner holds, with every frozen model parked: on a GPU as allocated (a sharded reward model's shard
     included), on the CPU counted."""
     gpu = device.type == "cuda"
-    resident = torch.cuda.memory_allocated(device) if gpu else module_bytes([learner.pipe.transformer, learner.pipe.vae])
+    resident = torch.cuda.memory_allocated(device) if gpu else module_bytes([learner.backbone.transformer, learner.backbone.vae])
     # The largest of all ranks: every rank must choose the same sizes (its collectives count on them).
     resident = int(distributed.all_gather_tensor(torch.tensor([resident], device=device)).max())
     optimiser = 3 * tensor_bytes(trainable(learner.lora))  # gradients, AdamW's two moments (made at the first step)
     return Sizes(resident=resident, optimiser=optimiser,
                  text_encoders=learner.text_encoders.nbytes, reward_models=learner.reward_models.nbytes,
-                 transformer_frozen=tensor_bytes(frozen_tensors([learner.pipe.transformer])),
+                 transformer_frozen=tensor_bytes(frozen_tensors([learner.backbone.transformer])),
                  workspace_sample=int(gpu * SAMPLE_FIXED_GIB * GIB), workspace_train=int(gpu * TRAIN_FIXED_GIB * GIB))

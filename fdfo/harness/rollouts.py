@@ -17,10 +17,10 @@ from fdfo import distributed
 from fdfo.config import SampleConfig
 from fdfo.harness.learner import Learner
 from fdfo.harness.timing import PhaseTimer
-from fdfo.model.sd3 import PromptEmbeds
+from fdfo.model.backbone import PromptEmbeds
 from fdfo.rewards import RewardOutput
 
-# (pipeline, conditioning rows of the call, its generators) → a batch with `.images` in [0, 1].
+# (backbone, conditioning rows of the call, its generators) → a batch with `.images` in [0, 1].
 Sampler = Callable[[Any, PromptEmbeds, list[torch.Generator]], Any]
 
 
@@ -45,15 +45,15 @@ def sample_and_score(learner: Learner, prompts: list[str], calls: list[SamplingC
     the text encoders are parked before the reward models come back to the GPU and sampling starts; the reward
     models are parked again once the last call is scored (with --memory-efficient, and unless the method's loss
     needs them: Method.needs_gradients)."""
-    pipe = learner.pipe
+    backbone = learner.backbone
     with timer("encode"):
         cond = PromptEmbeds.cat(learner.encode([prompts[i:i + encode_batch]
                                                 for i in range(0, len(prompts), encode_batch)], sample))
-    pipe.transformer.eval()
+    backbone.transformer.eval()
     batches, scores = [], []
     for call in tqdm(calls, desc=desc, disable=not distributed.is_main(), leave=False):
         with timer("sample"):
-            batches.append(sampler(pipe, cond.take(call.rows), call.generators))
+            batches.append(sampler(backbone, cond.take(call.rows), call.generators))
         with timer("reward"):
             scores.append(learner.reward(batches[-1].images, call.image_prompts))
     learner.reward_models.park()

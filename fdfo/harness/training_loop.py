@@ -49,13 +49,13 @@ def train(cfg: TrainConfig) -> Path:
     # Set up the model, its LoRA, the reward and the optimiser (restored from the checkpoint on resume).
     learner = set_up(cfg, device, resume, method.lora_copies, park_rewards=not method.needs_gradients)
     if cfg.max_memory_gib is not None:  # batch sizes as executed that fit the budget (the paper's split stays)
-        fitted = memory.fit(cfg.max_memory_gib, plan, memory.shapes(learner.pipe, cfg.sample, method.items_per_sample),
+        fitted = memory.fit(cfg.max_memory_gib, plan, memory.shapes(learner.backbone, cfg.sample, method.items_per_sample),
                             memory.sizes(learner, device))
         plan = fitted.plan
         if plan.activation_checkpointing:
-            learner.pipe.transformer.enable_gradient_checkpointing()
+            learner.backbone.transformer.enable_gradient_checkpointing()
         if fitted.transformer_parked_to_encode:
-            learner.transformer_weights = Parking([learner.pipe.transformer], device)
+            learner.transformer_weights = Parking([learner.backbone.transformer], device)
         distributed.print0(fitted.describe(cfg.max_memory_gib))
     run_dir = open_run_dir(settings, asdict(plan), cfg.runs_dir, cfg.run_name or cfg.default_run_name, resume)
     lock.hold(run_dir)  # a new run's or a branch's folder; a run continued in place holds its lock already
@@ -93,7 +93,7 @@ def train(cfg: TrainConfig) -> Path:
             signals.check()
             learner.text_encoders.to_device()
             learner.reward_models.to_device()
-            write_before_after(learner.pipe, learner.lora, learner.reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
+            write_before_after(learner.backbone, learner.lora, learner.reward, cfg.sample, cfg.num_epochs, run_dir / BEFORE_AFTER)
             distributed.print0(f"Wrote {run_dir / BEFORE_AFTER} and {run_dir / REWARD_CURVE}")
     except BaseException as stop:
         kept = close_run_dir(run_dir, new_folder=resume is None or resume.run_dir is None, epochs_run=epochs_run)

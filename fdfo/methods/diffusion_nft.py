@@ -18,7 +18,6 @@ from fdfo.harness.seeding import TRAINING_NOISE, image_generator
 from fdfo.methods.base import Epoch, EpochScores
 from fdfo.methods.groups import GroupMethod, GroupSignal, Groups, sample_groups
 from fdfo.model.lora import swapped_in, trainable
-from fdfo.model.sd3 import predict_velocity
 
 OLD_POLICY = "old_policy"  # the lagged LoRA that samples: learner.copies[OLD_POLICY], <checkpoint>/old_policy/
 
@@ -71,7 +70,7 @@ class DiffusionNft(GroupMethod):
         x_t, sigma = torch.cat(x_t), torch.cat(sigma)
         image = torch.arange(len(x_t), device=device) // K
         cond = groups.cond.take(groups.group[image + first_image])
-        v_old = torch.cat([predict_velocity(learner.pipe.transformer, x_t[b:b + batch], sigma[b:b + batch],
+        v_old = torch.cat([learner.backbone.velocity(learner.backbone.transformer, x_t[b:b + batch], sigma[b:b + batch],
                                             cond.index(slice(b, b + batch)), self.sample.guidance_scale)
                            for b in range(0, len(x_t), batch)])
         return x_t, sigma, v_old
@@ -83,7 +82,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
     x_t, sigma, v_old = rows
     image, _ = split_items(items, signal.items_per_image)
     cond = signal.cond.take(signal.group[image])
-    v_theta = predict_velocity(learner.model, x_t, sigma, cond, signal.guidance_scale)
+    v_theta = learner.backbone.velocity(learner.model, x_t, sigma, cond, signal.guidance_scale)
     v_ref = learner.reference_velocity(x_t, sigma, cond, signal.guidance_scale) if nft.kl_weight > 0 else None
     terms = nft_loss(v_theta, v_old, signal.final_latents[image], x_t, sigma, signal.weight[image], nft.beta,
                      nft.adv_clip_max, v_ref, nft.kl_weight)

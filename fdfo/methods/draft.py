@@ -21,7 +21,7 @@ from fdfo.harness.rollouts import SamplingCall, sample_and_score
 from fdfo.harness.seeding import TRAINING_NOISE, image_generator
 from fdfo.methods.base import Epoch, EpochScores, Method
 from fdfo.model.sampler import sample_rollouts
-from fdfo.model.sd3 import PromptEmbeds, decode, predict_velocity
+from fdfo.model.backbone import PromptEmbeds
 from fdfo.rewards.registry import check_differentiable, reward_terms
 
 
@@ -66,7 +66,7 @@ class Draft(Method):
     def epoch(self, learner: Learner, epoch: Epoch) -> tuple[EpochScores, TrainingItems]:
         """This rank's images (global image i from its own noise, the prompt of pair i // 2), scored; an item per
         image: the input of its first kept step (DRaFT-K), or its final latent (DRaFT-LV)."""
-        plan, sample, device = epoch.plan, self.sample, learner.pipe.transformer.device
+        plan, sample, device = epoch.plan, self.sample, learner.backbone.transformer.device
         images, first_pair = 2 * plan.pairs_per_rank, distributed.rank() * plan.pairs_per_rank
         prompts = epoch.stream.prompts_for(epoch.index, range(first_pair, first_pair + plan.pairs_per_rank))
         calls = [SamplingCall(torch.arange(b, b + 2 * plan.sampling_batch) // 2,
@@ -102,7 +102,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
     guarded = partial(checkpoint, use_reentrant=False) if draft.checkpointing else (lambda f, *a: f(*a))
 
     def velocity(x_i: torch.Tensor, i: int, rows_cond: PromptEmbeds) -> torch.Tensor:
-        return guarded(lambda z: predict_velocity(learner.model, z, sigmas[i], rows_cond, signal.guidance_scale), x_i)
+        return guarded(lambda z: learner.backbone.velocity(learner.model, z, sigmas[i], rows_cond, signal.guidance_scale), x_i)
 
     kl = torch.zeros((), device=x.device)
     if draft.lv_samples:  # x is the final latent: noised again to σ_{T−1}, denoised in one step, n times
@@ -120,6 +120,6 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         kl = kl / draft.k
     dtype = cond.embeds.dtype
-    images = torch.cat([guarded(lambda z: decode(learner.pipe, z, dtype), x[j:j + 1]) for j in range(len(x))])
+    images = torch.cat([guarded(lambda z: learner.backbone.decode(z, dtype), x[j:j + 1]) for j in range(len(x))])
     reward = learner.reward(images, prompts, differentiable=True).total
     return {"loss": -reward.mean() + draft.kl_weight * kl, "reward": reward.mean().detach(), "kl": kl.detach()}

@@ -19,7 +19,7 @@ from fdfo.harness.rollouts import Sampled, SamplingCall, sample_and_score
 from fdfo.harness.seeding import pair_generator
 from fdfo.methods.base import Epoch, EpochScores, Method
 from fdfo.model.sampler import ChurnDraw, sample_pairs
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity
+from fdfo.model.backbone import PromptEmbeds
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Fdfo(Method):
     def sample_pairs(self, learner: Learner, epoch: Epoch) -> tuple[Sampled, list[str]]:
         """This rank's pairs (global pairs rank·P … rank·P + P − 1, each from its own seeded noise), scored, and
         their prompts."""
-        plan, sample, device = epoch.plan, self.sample, learner.pipe.transformer.device
+        plan, sample, device = epoch.plan, self.sample, learner.backbone.transformer.device
         first_pair = distributed.rank() * plan.pairs_per_rank
         pairs = range(first_pair, first_pair + plan.pairs_per_rank)
         prompts = epoch.stream.prompts_for(epoch.index, pairs)
@@ -128,7 +128,7 @@ def surrogate_terms(learner: Learner, x: torch.Tensor, v_ref: torch.Tensor, d: t
                     ) -> dict[str, torch.Tensor]:
     """§4's surrogate of items (sample, t) with inputs x, sampled velocities v_ref and signal (d, dR)."""
     sigma, cond = at.sigmas[t], at.cond.take(torch.div(sample, 2, rounding_mode="floor"))
-    v_theta = predict_velocity(learner.model, x, sigma, cond, at.guidance_scale)
+    v_theta = learner.backbone.velocity(learner.model, x, sigma, cond, at.guidance_scale)
     v_base = learner.reference_velocity(x, sigma, cond, at.guidance_scale) if train.kl_weight > 0 else None
     terms = surrogate_loss(v_theta, v_ref, d, dR, train.clip_range, train.kl_weight, v_base)
     return {"loss": terms.loss, "policy_loss": terms.policy_loss, "kl": terms.kl, "clipfrac": terms.clipfrac,

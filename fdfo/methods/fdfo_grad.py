@@ -19,7 +19,7 @@ from fdfo.harness.optimise import TrainingItems, split_items
 from fdfo.methods.base import Epoch, EpochScores
 from fdfo.methods.fdfo import Fdfo, PairConditioning, surrogate_terms
 from fdfo.model.sampler import Trajectories, churned_euler_step
-from fdfo.model.sd3 import PromptEmbeds, decode, predict_velocity
+from fdfo.model.backbone import PromptEmbeds
 from fdfo.rewards.registry import check_differentiable, reward_terms
 
 
@@ -86,7 +86,7 @@ class FdfoGrad(Fdfo):
             x = traj.inputs[rows, t].detach().requires_grad_(True)
             size = rms(adjoint).clamp_min(torch.finfo(torch.float32).tiny).view(-1, *[1] * (adjoint.dim() - 1))
             with torch.enable_grad():
-                v = predict_velocity(learner.pipe.transformer, x, sigmas[t], cond, self.sample.guidance_scale)
+                v = learner.backbone.velocity(learner.backbone.transformer, x, sigmas[t], cond, self.sample.guidance_scale)
                 fixed_noise = torch.zeros_like(x) if gammas[t + 1] > 0 else None
                 step = churned_euler_step(x, v.float(), sigmas[t], sigmas[t + 1], gammas[t + 1], fixed_noise)
                 adjoint = torch.autograd.grad(step, x, grad_outputs=adjoint / size)[0] * size
@@ -102,7 +102,7 @@ def reward_gradient(learner: Learner, latents: torch.Tensor, prompts: list[str],
     for i in range(len(latents)):
         x = latents[i:i + 1].detach().requires_grad_(True)
         with torch.enable_grad():
-            reward = learner.reward(decode(learner.pipe, x, dtype), prompts[i:i + 1], differentiable=True).total.sum()
+            reward = learner.reward(learner.backbone.decode(x, dtype), prompts[i:i + 1], differentiable=True).total.sum()
         scale = 2.0 ** 16 if dtype == torch.float16 else 1.0
         while True:
             gradient = torch.autograd.grad(reward * scale, x, retain_graph=scale > 1)[0]

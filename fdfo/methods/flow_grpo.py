@@ -15,7 +15,6 @@ from fdfo.harness.learner import Learner
 from fdfo.harness.optimise import TrainingItems, split_items
 from fdfo.methods.base import Epoch, EpochScores
 from fdfo.methods.groups import GroupMethod, GroupSignal, sample_groups
-from fdfo.model.sd3 import predict_velocity
 
 
 class FlowGrpo(GroupMethod):
@@ -50,7 +49,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
         return sde_step(x, v, sigmas[t], sigmas[t + 1], grpo.noise_level, torch.zeros_like(x),
                         sigma_max=signal.sigma_max)
     # As published, no gradient through the empty prompt's velocity under CFG.
-    step = transition(predict_velocity(learner.model, x, sigmas[t], cond, guidance, detach_uncond=True))
+    step = transition(learner.backbone.velocity(learner.model, x, sigmas[t], cond, guidance, detach_uncond=True))
     policy_loss, ratio, clipfrac = clipped_policy_loss(step_log_prob(x_next, step.mean, step.std), old_log_prob,
                                                        signal.weight[image], grpo.clip_range, grpo.adv_clip_max)
     kl = torch.zeros((), device=x.device)

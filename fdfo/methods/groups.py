@@ -20,7 +20,7 @@ from fdfo.harness.rollouts import SamplingCall, sample_and_score
 from fdfo.harness.seeding import image_generator
 from fdfo.methods.base import Epoch, EpochScores, Method
 from fdfo.model.sampler import Rollouts, sample_rollouts
-from fdfo.model.sd3 import PromptEmbeds
+from fdfo.model.backbone import PromptEmbeds
 from fdfo.rewards import RewardOutput
 
 
@@ -99,7 +99,7 @@ def sample_groups(learner: Learner, epoch: Epoch, sample: SampleConfig, seed: in
     """This rank's images of the epoch, each from its own seeded noise: global groups rank·G_r … , one prompt each
     (the stream's prompt at the group's position), `group_size` images per group, scored; `solver`: the ODE's
     options of `sample_rollouts`."""
-    plan, device = epoch.plan, learner.pipe.transformer.device
+    plan, device = epoch.plan, learner.backbone.transformer.device
     images = 2 * plan.pairs_per_rank
     first_image, groups_per_rank = distributed.rank() * images, images // group_size
     first_group = distributed.rank() * groups_per_rank

@@ -24,7 +24,7 @@ from fdfo.harness.rollouts import SamplingCall, sample_and_score
 from fdfo.harness.seeding import image_generator, item_permutation
 from fdfo.methods.base import Epoch, EpochScores, Method
 from fdfo.model.sampler import sample_branches
-from fdfo.model.sd3 import PromptEmbeds, predict_velocity
+from fdfo.model.backbone import PromptEmbeds
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Rsm(Method):
     def epoch(self, learner: Learner, epoch: Epoch) -> tuple[EpochScores, TrainingItems]:
         """This rank's seeds (global seeds rank·S … , each from its own seeded noise, `seeds_per_prompt` per prompt),
         their branches scored; a training row per branch, carrying one of its seed's anchors."""
-        plan, r, device = epoch.plan, self.rsm, learner.pipe.transformer.device
+        plan, r, device = epoch.plan, self.rsm, learner.backbone.transformer.device
         seeds = 2 * plan.pairs_per_rank // self.branches_per_seed
         first_seed, prompts_per_rank = distributed.rank() * seeds, seeds // r.seeds_per_prompt
         first_prompt = distributed.rank() * prompts_per_rank
@@ -177,7 +177,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
     x, v_old, noise, advantages, weight, prompt, step, anchor_x, anchor_step, policy_scale, anchor_scale = rows
     r, sigmas = signal.settings, signal.sigmas
     cond = signal.cond.take(prompt)
-    v_theta = predict_velocity(learner.model, x, sigmas[step], cond, signal.guidance_scale)
+    v_theta = learner.backbone.velocity(learner.model, x, sigmas[step], cond, signal.guidance_scale)
     sigma, dt = sigmas[step], sigmas[step] - sigmas[step + 1]
     tilde_sigma = diffusion_coefficient(sigma, r.noise_level, signal.sigma_max)
     policy_rows = hinge_matching_loss(v_theta, v_old, noise, advantages, sigma, dt, tilde_sigma, r.clip_range) * weight
@@ -188,7 +188,7 @@ def micro_batch_loss(learner: Learner, rows: list[torch.Tensor], items: torch.Te
         held = anchor_step >= 0
         if held.any():
             xa, sa, ca = anchor_x[held], anchor_step[held], signal.cond.take(prompt[held])
-            va = predict_velocity(learner.model, xa, sigmas[sa], ca, signal.guidance_scale)
+            va = learner.backbone.velocity(learner.model, xa, sigmas[sa], ca, signal.guidance_scale)
             kl = kl + (signal.k_mean * step_kl(*sde_means(learner, xa, va, sa, ca, signal)) * anchor_scale[held]).sum()
     return {"loss": policy + r.kl_weight * kl, "policy_loss": policy.detach(), "kl": kl.detach(),
             "clipfrac": ((policy_rows == 0).float() * policy_scale).sum()}  # stopped by the hinge, of the step's rows

@@ -1,4 +1,4 @@
-"""The LoRA on the transformer's joint-attention projections: attach, save, and load strictly (a damaged or foreign
+"""The LoRA on the transformer's attention projections: attach, save, and load strictly (a damaged or foreign
 folder refused before anything loads: fdfo/model/lora_folder.py; non-finite weights when read); copies of its
 weights (the EMA, a method's own) swapped in, saved and loaded as LoRA folders of the same format."""
 
@@ -14,16 +14,18 @@ from safetensors.torch import load_file
 
 from fdfo.model.lora_folder import ADAPTER_FILES, LoraLoadError, check_lora_folder
 
-# Joint-attention projections of every block (the dual-attention `attn2` layers are left alone).
-LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# The attention projections of every block, as PEFT name suffixes: the published SD3 LoRA's (each backbone says
+# what they reach in it: Backbone.lora_targets).
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
 
-def lora_config(rank: int = 32, alpha: int = 64) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+def lora_config(rank: int = 32, alpha: int = 64, targets: tuple[str, ...] = LORA_TARGETS) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
 
 
-def attach_lora(transformer: torch.nn.Module, rank: int = 32, alpha: int = 64, seed: int = 0) -> PeftModel:
+def attach_lora(transformer: torch.nn.Module, rank: int = 32, alpha: int = 64, seed: int = 0,
+                targets: tuple[str, ...] = LORA_TARGETS) -> PeftModel:
     """Wrap `transformer` in a PEFT LoRA (A gaussian, B zero) whose weights are float32 on any base dtype.
 
     The LoRA layers are injected into `transformer` itself, so callers holding the bare transformer
@@ -32,7 +34,7 @@ def attach_lora(transformer: torch.nn.Module, rank: int = 32, alpha: int = 64, s
     device = next(transformer.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = get_peft_model(transformer, lora_config(rank, alpha))
+        model = get_peft_model(transformer, lora_config(rank, alpha, targets))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -1,4 +1,5 @@
-"""Paired trajectories of the flow ODE with churn (paper §2; SD3 convention x_t = (1 − t) x_data + t ε).
+"""Paired trajectories of the flow ODE with churn (paper §2; convention x_t = (1 − t) x_data + t ε), and the
+baselines' single trajectories, for any backbone (fdfo/model/backbone.py).
 
 Rows 2k and 2k+1 of every tensor are the two branches of pair k: they start from the same base
 noise and differ only through the fresh churn noise each branch receives.
@@ -11,12 +12,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from fdfo.formulas.churn import raw_gammas
 from fdfo.formulas.diffusion_nft import dpm2_step
 from fdfo.formulas.flow_grpo import sde_step, step_log_prob
-from fdfo.model.sd3 import PromptEmbeds, decode_latents, latent_shape, predict_velocity
+from fdfo.model.backbone import Backbone, PromptEmbeds
 
 # A churn schedule drawn per pair: (the sampler's σ_0 … σ_T, the pair's generator) → γ of the initial
 # perturbation and of steps 0 … T−1, (T + 1,). The interval and prior schedules (fdfo/formulas/churn.py).
@@ -32,13 +32,6 @@ class Trajectories:
     sigmas: torch.Tensor  # noise levels σ_0 > … > σ_T = 0: (T + 1,)
     final_latents: torch.Tensor  # x_T: (2P, C, h, w)
     images: torch.Tensor  # decoded x_T in [0, 1]: (2P, 3, H, W)
-
-
-def flow_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, device: torch.device) -> torch.Tensor:
-    """σ_0 … σ_T = 0 of SD3's flow-match Euler scheduler (with its shift), float32."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # leave the pipeline's own untouched
-    scheduler.set_timesteps(num_steps, device=device)
-    return scheduler.sigmas.to(device=device, dtype=torch.float32)
 
 
 def per_row(gamma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,7 +93,7 @@ def step_noise(gamma: float | torch.Tensor, generators: list[torch.Generator], s
 
 
 @torch.no_grad()
-def sample_pairs(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
+def sample_pairs(backbone: Backbone, cond: PromptEmbeds, generators: list[torch.Generator],
                  num_steps: int = 40, churn: float | ChurnDraw = 0.0025, guidance_scale: float = 1.0,
                  resolution: int | None = None) -> Trajectories:
     """Sample the pairs of one batch: `cond` holds one row per pair, `generators` one generator per pair;
@@ -112,8 +105,8 @@ def sample_pairs(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators:
     if len(generators) != cond.embeds.shape[0]:
         raise ValueError(f"Need one generator per pair: {len(generators)} generators, {cond.embeds.shape[0]} prompts.")
     device = cond.embeds.device
-    shape = latent_shape(pipe, resolution)
-    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    shape = backbone.latent_shape(resolution)
+    sigmas = backbone.sigmas(num_steps, resolution, device)
     gammas = draw_gammas(churn, sigmas, generators)
     gamma_at = (lambda i: gammas[i]) if isinstance(gammas, list) else (lambda i: gammas[:, i])  # noqa: E731
     cond = cond.repeat_interleave(2)
@@ -125,14 +118,14 @@ def sample_pairs(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators:
         x = perturb_initial(x, gamma_at(0), noise)
     inputs, velocities = [], []
     for i in range(num_steps):
-        v = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale)
+        v = backbone.velocity(backbone.transformer, x, sigmas[i], cond, guidance_scale)
         inputs.append(x)
         velocities.append(v)
         noise = step_noise(gamma_at(i + 1), generators, shape, device)
         x = churned_euler_step(x, v, sigmas[i], sigmas[i + 1], gamma_at(i + 1), noise)
     return Trajectories(
         inputs=torch.stack(inputs, dim=1), velocities=torch.stack(velocities, dim=1), sigmas=sigmas,
-        final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype),
+        final_latents=x, images=backbone.decode_latents(x, cond.embeds.dtype),
     )
 
 
@@ -148,7 +141,7 @@ class Rollouts:
 
 
 @torch.no_grad()
-def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
+def sample_rollouts(backbone: Backbone, cond: PromptEmbeds, generators: list[torch.Generator],
                     num_steps: int, noise_level: float, guidance_scale: float = 1.0,
                     resolution: int | None = None, solver: str = "euler", integer_timesteps: bool = False
                     ) -> Rollouts:
@@ -157,13 +150,13 @@ def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
     DiffusionNFT's `dpm2` solver. `integer_timesteps`: the transformer sees ⌊1000σ⌋, as DiffusionNFT's pipeline
     feeds it."""
     device = cond.embeds.device
-    shape = latent_shape(pipe, resolution)
-    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    shape = backbone.latent_shape(resolution)
+    sigmas = backbone.sigmas(num_steps, resolution, device)
     sigma_max = sigmas[1].item()  # Flow-GRPO's stand-in for σ = 1 in the SDE's coefficient
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
     inputs, log_probs, x0_previous = [], [], None
     for i in range(num_steps):
-        v = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale, integer_timestep=integer_timesteps)
+        v = backbone.velocity(backbone.transformer, x, sigmas[i], cond, guidance_scale, integer_timestep=integer_timesteps)
         inputs.append(x)
         if noise_level == 0 and solver == "dpm2":
             x0 = x - sigmas[i] * v
@@ -177,7 +170,7 @@ def sample_rollouts(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
         log_probs.append(step_log_prob(step.next, step.mean, step.std))
         x = step.next
     return Rollouts(inputs=torch.stack(inputs, dim=1), log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
-                    sigmas=sigmas, final_latents=x, images=decode_latents(pipe, x, cond.embeds.dtype))
+                    sigmas=sigmas, final_latents=x, images=backbone.decode_latents(x, cond.embeds.dtype))
 
 
 @dataclass
@@ -198,14 +191,14 @@ class Branches:
 
 
 @torch.no_grad()
-def sample_branches(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generators: list[torch.Generator],
+def sample_branches(backbone: Backbone, cond: PromptEmbeds, generators: list[torch.Generator],
                     num_steps: int, branches: tuple[int, ...], noise_level: float, guidance_scale: float = 1.0,
                     resolution: int | None = None) -> Branches:
     """One ODE trajectory per row of `cond` (a seed, from its own generator: its start noise, then its branches'
     noise, step by step), `branches[i]` SDE branches off state x_i for i < T − 1, all continued together by the ODE."""
     device = cond.embeds.device
-    shape = latent_shape(pipe, resolution)
-    sigmas = flow_sigmas(pipe.scheduler, num_steps, device)
+    shape = backbone.latent_shape(resolution)
+    sigmas = backbone.sigmas(num_steps, resolution, device)
     sigma_max = sigmas[1].item()  # Flow-GRPO's stand-in for σ = 1, as in its SDE
     seeds = len(generators)
     x = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
@@ -213,7 +206,7 @@ def sample_branches(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
     for i in range(num_steps - 1):  # the trunk: x_0 … x_{T−2}, and v where a step branches or the trunk goes on
         states.append(x)
         if branches[i] > 0 or i < num_steps - 2:
-            velocities[i] = predict_velocity(pipe.transformer, x, sigmas[i], cond, guidance_scale)
+            velocities[i] = backbone.velocity(backbone.transformer, x, sigmas[i], cond, guidance_scale)
         if i < num_steps - 2:
             x = x + (sigmas[i + 1] - sigmas[i]) * velocities[i]
     rows: dict[str, list[torch.Tensor]] = {"inputs": [], "velocities": [], "noise": [], "seed": [], "step": []}
@@ -229,11 +222,11 @@ def sample_branches(pipe: StableDiffusion3Pipeline, cond: PromptEmbeds, generato
                 rows[name].append(value)
             live, live_seed = torch.cat([live, x_next]), torch.cat([live_seed, seed])
         if len(live):
-            v = predict_velocity(pipe.transformer, live, sigmas[j], cond.index(live_seed), guidance_scale)
+            v = backbone.velocity(backbone.transformer, live, sigmas[j], cond.index(live_seed), guidance_scale)
             live = live + (sigmas[j + 1] - sigmas[j]) * v
     anchor_steps = [i for i in range(num_steps - 1) if branches[i] == 0]
     anchors = (torch.stack([states[i] for i in anchor_steps], dim=1).flatten(0, 1) if anchor_steps
                else torch.empty((0, *shape), device=device))
     joined = {name: torch.cat(values) for name, values in rows.items()}
     return Branches(**joined, anchors=anchors, anchor_steps=anchor_steps, sigmas=sigmas, final_latents=live,
-                    images=decode_latents(pipe, live, cond.embeds.dtype))
+                    images=backbone.decode_latents(live, cond.embeds.dtype))

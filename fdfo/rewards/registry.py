@@ -56,7 +56,7 @@ SCORER_NAMES = ("brightness", "compressibility", *CLIP_SCORERS, *PREFERENCE_MODE
 # HPSv3's score goes through Qwen2-VL's image processor, whose patching is not kept differentiable here.
 NOT_DIFFERENTIABLE = ("compressibility", "hpsv3", *VLM_QUESTIONS)
 # The reward models that go with a random base model: tiny twins, or full-size random weights.
-TWINS = {"tiny": "tiny", "sd35m-random": "full"}
+TWINS = {"tiny": "tiny", "tiny-flux": "tiny", "sd35m-random": "full", "sd35l-random": "full", "flux-random": "full"}
 
 
 class RewardSpecError(UserError, ValueError):

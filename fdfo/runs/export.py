@@ -4,9 +4,10 @@
     pipe = StableDiffusion3Pipeline.from_pretrained(...); pipe.load_lora_weights("lora/")
 
 The weights keep PEFT's key names below the transformer, and the adapter's config (rank, alpha, targets)
-travels in the file's metadata, which diffusers reads back, so the scale alpha / rank is kept. With
+travels in the file's metadata, which diffusers reads back, so the scale alpha / rank is kept. They are saved
+by the base model's own pipeline class (`--pretrained-model`: StableDiffusion3Pipeline, FluxPipeline). With
 `--merged`, the transformer with the LoRA merged into its weights is written too (`<out>/transformer`), for
-tools that take a plain SD3 transformer.
+tools that take a plain transformer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 
 from fdfo import distributed
@@ -22,18 +23,19 @@ from fdfo.config import ExportConfig, check_export_config
 from fdfo.runs.hub import resolve_checkpoint
 from fdfo.model.lora import attach_lora_from, load_lora_weights
 from fdfo.model.lora_folder import PEFT_PREFIX, check_lora_folder
-from fdfo.model.loading import load_transformer, stored_dtype
+from fdfo.model.loading import backbone_class, load_transformer, stored_dtype
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers looks for
 
 
-def export_lora(checkpoint: Path, out: Path) -> Path:
-    """Write the LoRA of the checkpoint folder `checkpoint` into `out` with diffusers' own saving function."""
+def export_lora(checkpoint: Path, out: Path, pipeline_class: type[DiffusionPipeline]) -> Path:
+    """Write the LoRA of the checkpoint folder `checkpoint` into `out` with diffusers' own saving function, that
+    of `pipeline_class`."""
     config = LoraConfig.from_pretrained(str(checkpoint))
     weights = load_lora_weights(checkpoint)
     layers = {name.removeprefix(PEFT_PREFIX): value for name, value in weights.items()}
-    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=layers, weight_name=WEIGHT_NAME,
-                                               transformer_lora_adapter_metadata=config.to_dict())
+    pipeline_class.save_lora_weights(out, transformer_lora_layers=layers, weight_name=WEIGHT_NAME,
+                                     transformer_lora_adapter_metadata=config.to_dict())
     return out / WEIGHT_NAME
 
 
@@ -54,11 +56,13 @@ def export(cfg: ExportConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.ema)
     check_lora_folder(checkpoint)  # a damaged or foreign folder would give a file diffusers rejects
     # The base model is loaded and the LoRA merged before anything is written: a missing model writes nothing.
+    backbone = backbone_class(cfg.pretrained_model)
     merged = merged_transformer(checkpoint, cfg.pretrained_model, cfg.dtype) if cfg.merged else None
-    path = export_lora(checkpoint, cfg.out)
-    distributed.print0(f"Wrote {path}: load it with StableDiffusion3Pipeline.load_lora_weights({str(cfg.out)!r})")
+    path = export_lora(checkpoint, cfg.out, backbone.pipeline_class)
+    distributed.print0(f"Wrote {path}: load it with {backbone.pipeline_class.__name__}.load_lora_weights"
+                       f"({str(cfg.out)!r})")
     if merged is not None:
         merged.save_pretrained(cfg.out / "transformer")
         distributed.print0(f"Wrote {cfg.out / 'transformer'} ({str(merged.dtype).removeprefix('torch.')}): load it with "
-                           f"SD3Transformer2DModel.from_pretrained({str(cfg.out / 'transformer')!r})")
+                           f"{type(merged).__name__}.from_pretrained({str(cfg.out / 'transformer')!r})")
     return path
